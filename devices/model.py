@@ -172,11 +172,17 @@ class Setpoint:
     battery_power_w: energystorage target, W, with the hub's sign: positive discharges, negative charges,
         zero holds.  ``None`` leaves the battery to its own (self-consumption) logic.
     on: smart plug relay.
+    release: return the module to its own default behaviour now (inverter 100 %, battery self-consumption,
+        plug on); the other fields are then ignored.  This is what the hub's watchdog sends when a command's
+        time-to-live ends.
     """
 
     power_limit_pct: float | None = None
     battery_power_w: float | None = None
     on: bool | None = None
+    release: bool = False
 
     def is_empty(self) -> bool:
-        return self.power_limit_pct is None and self.battery_power_w is None and self.on is None
+        return (
+            not self.release and self.power_limit_pct is None and self.battery_power_w is None and self.on is None
+        )

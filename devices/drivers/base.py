@@ -100,8 +100,13 @@ class Driver(Protocol):
 
 
 class DriverFactory(Protocol):
-    protocol: ClassVar[str]
-    schemes: ClassVar[tuple[str, ...]]
+    """A driver class: constructible from an address, with its protocol name and URL schemes."""
+
+    @property
+    def protocol(self) -> str: ...
+
+    @property
+    def schemes(self) -> tuple[str, ...]: ...
 
     def __call__(self, address: Address, *, timeout: float = DEFAULT_TIMEOUT_S) -> Driver: ...
 

@@ -43,6 +43,14 @@ class StaticModule:
 
     def apply(self, setpoint: Setpoint, *, revert_after_s: float | None = None) -> None:
         kind = self.info.kind
+        if setpoint.release:
+            defaults = {
+                DeviceKind.MICROINVERTER: {"power_limit_pct": 100.0},
+                DeviceKind.SMARTPLUG: {"on": True},
+            }.get(kind, {})
+            self.sample = replace(self.sample, **defaults)  # type: ignore[arg-type]
+            self.received.append((setpoint, None))
+            return
         if setpoint.power_limit_pct is not None:
             if kind is not DeviceKind.MICROINVERTER:
                 raise ValueError("power_limit_pct applies to microinverters only")

@@ -1,0 +1,312 @@
+"""A simulated ORES-HTTP module: a real aiohttp server that serves one ``SimulatedModule`` on the network.
+
+It follows docs/module-protocol.md exactly: ``GET /identity``, ``/status`` and ``/telemetry`` and
+``POST /control`` under ``/ores/v1``, the JSON error body with the documented status codes, the 64 KiB body
+cap, and, when started with a ``credential``, the ``Authorization: Bearer`` check on everything but
+``/identity``.  It validates control bodies itself (type and range per the protocol, kind applicability,
+battery power limits, controllability, fault state) and passes accepted setpoints to the module, turning a
+``ValueError`` from ``module.apply`` into ``422 out_of_range``.  It tracks the active setpoint and its
+watchdog for ``/status``; the module itself performs the revert (``SimulatedModule.apply`` contract).  A
+module may also implement ``ReportsFaults`` to publish fault codes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from aiohttp import web
+
+from devices.drivers.base import Address
+from devices.model import DeviceKind, OperatingState, Setpoint
+from devices.ores_http_wire import (
+    BASE_PATH,
+    MAX_BODY_BYTES,
+    SETPOINT_KIND,
+    ActiveSetpoint,
+    Fault,
+    ModuleStatus,
+    WireError,
+    WireRangeError,
+    active_setpoint_to_wire,
+    control_to_wire,
+    decode_json,
+    encode_json,
+    error_to_wire,
+    identity_to_wire,
+    parse_control,
+    status_to_wire,
+    telemetry_to_wire,
+)
+from devices.sim.base import SimulatedModule
+
+__all__ = ["OresHttpSimServer", "ReportsFaults", "start_ores_http_server"]
+
+_LOGGER = logging.getLogger(__name__)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES: Mapping[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    422: "out_of_range",
+    503: "unavailable",
+}
+
+
+@runtime_checkable
+class ReportsFaults(Protocol):
+    """Optional extra a simulated module may implement to report fault codes in ``GET /status``."""
+
+    def faults(self) -> Sequence[Fault]: ...
+
+
+class _ApiError(Exception):
+    """Internal: answer with the protocol's JSON error body."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = dict(details or {})
+
+
+def _json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=encode_json(data), content_type="application/json", headers=headers
+    )
+
+
+def _error_response(err: _ApiError, headers: Mapping[str, str] | None = None) -> web.Response:
+    return _json_response(error_to_wire(err.code, err.message, err.details), err.status, headers)
+
+
+def _field_name(path: str | None) -> str | None:
+    return None if path is None else path.removeprefix("control.")
+
+
+class OresHttpSimServer:
+    """One simulated module served over ORES-HTTP (satisfies ``devices.sim.base.SimServer``).
+
+    Create it with ``start_ores_http_server``.
+    """
+
+    def __init__(self, module: SimulatedModule, *, credential: str | None = None) -> None:
+        self._module = module
+        self._credential = None if credential is None else credential.encode("utf-8")
+        self._runner: web.AppRunner | None = None
+        self._address: Address | None = None
+        self._started_at = time.monotonic()
+        self._active = ActiveSetpoint()
+        self._deadline: float | None = None  # monotonic time at which the active setpoint reverts
+
+    @property
+    def address(self) -> Address:
+        if self._address is None:
+            raise RuntimeError("server not started")
+        return self._address
+
+    @property
+    def module(self) -> SimulatedModule:
+        return self._module
+
+    @property
+    def active_setpoint(self) -> ActiveSetpoint:
+        """The setpoint as ``GET /status`` reports it (reverted to the default once its watchdog expired)."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._active = ActiveSetpoint()
+            self._deadline = None
+        return self._active
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if self._runner is not None:
+            raise RuntimeError("server already started")
+        app = web.Application(
+            middlewares=[_error_middleware, self._auth_middleware], client_max_size=MAX_BODY_BYTES
+        )
+        app.router.add_get(f"{BASE_PATH}/identity", self._identity)
+        app.router.add_get(f"{BASE_PATH}/status", self._status)
+        app.router.add_get(f"{BASE_PATH}/telemetry", self._telemetry)
+        app.router.add_post(f"{BASE_PATH}/control", self._control)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        bound_port = int(runner.addresses[0][1])
+        self._runner = runner
+        self._started_at = time.monotonic()
+        self._address = Address("http", host, bound_port, BASE_PATH)
+        _LOGGER.debug("ORES-HTTP sim %s serving %s", self._address, self._module.info.device_id)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # ------------------------------------------------------------------ middleware
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if self._credential is None or request.path == f"{BASE_PATH}/identity":
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("utf-8"), self._credential
+        ):
+            err = _ApiError(401, "unauthorized", "a valid bearer credential is required")
+            return _error_response(err, {"WWW-Authenticate": 'Bearer realm="ores"'})
+        return await handler(request)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _identity(self, request: web.Request) -> web.Response:
+        return _json_response(identity_to_wire(self._module.info))
+
+    async def _telemetry(self, request: web.Request) -> web.Response:
+        return _json_response(telemetry_to_wire(self._module.telemetry()))
+
+    async def _status(self, request: web.Request) -> web.Response:
+        state = self._module.telemetry().state
+        if isinstance(self._module, ReportsFaults):
+            faults = tuple(self._module.faults())
+        elif state is OperatingState.FAULT:
+            faults = (Fault("fault", "the module reports a fault"),)
+        else:
+            faults = ()
+        status = ModuleStatus(
+            state=state,
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+            faults=faults,
+            active=self.active_setpoint,
+        )
+        return _json_response(status_to_wire(status))
+
+    async def _control(self, request: web.Request) -> web.Response:
+        body = await request.read()  # aiohttp answers 413 beyond client_max_size
+        try:
+            control = parse_control(decode_json(body))
+        except WireRangeError as err:
+            raise _ApiError(422, "out_of_range", str(err), {"field": _field_name(err.field)}) from err
+        except WireError as err:
+            details = {} if err.field is None else {"field": _field_name(err.field)}
+            raise _ApiError(400, "bad_request", str(err), details) from err
+        if control.setpoint.release:
+            return self._release()
+        info = self._module.info
+        for name in control_to_wire(control.setpoint):
+            if SETPOINT_KIND[name] is not info.kind:
+                raise _ApiError(
+                    422,
+                    "not_applicable",
+                    f"{name} applies to {SETPOINT_KIND[name].value} modules only",
+                    {"field": name, "kind": info.kind.value},
+                )
+        if not info.capabilities.controllable:
+            raise _ApiError(409, "not_controllable", "this module does not accept setpoints")
+        state = self._module.telemetry().state
+        if state is OperatingState.FAULT:
+            raise _ApiError(
+                409, "not_allowed_in_state", "control is not allowed while in fault", {"state": state.value}
+            )
+        self._check_battery_limits(control.setpoint)
+        try:
+            self._module.apply(control.setpoint, revert_after_s=control.revert_after_s)
+        except ValueError as err:
+            raise _ApiError(422, "out_of_range", str(err) or "setpoint out of range") from err
+        return _json_response(active_setpoint_to_wire(self._accept(control.setpoint, control.revert_after_s)))
+
+    def _release(self) -> web.Response:
+        """``{"release": true}``: always allowed (returning to the default is the safe direction)."""
+        try:
+            self._module.apply(Setpoint(release=True), revert_after_s=None)
+        except ValueError as err:
+            raise _ApiError(422, "out_of_range", str(err) or "release refused") from err
+        self._active = ActiveSetpoint()
+        self._deadline = None
+        return _json_response(active_setpoint_to_wire(self._active))
+
+    def _check_battery_limits(self, setpoint: Setpoint) -> None:
+        power = setpoint.battery_power_w
+        if power is None or self._module.info.kind is not DeviceKind.ENERGYSTORAGE:
+            return
+        caps = self._module.info.capabilities
+        if caps.max_discharge_w is not None and power > caps.max_discharge_w:
+            raise _ApiError(
+                422,
+                "out_of_range",
+                f"battery_power_w {power:g} exceeds max_discharge_w {caps.max_discharge_w:g}",
+                {"field": "battery_power_w", "max": caps.max_discharge_w},
+            )
+        if caps.max_charge_w is not None and -power > caps.max_charge_w:
+            raise _ApiError(
+                422,
+                "out_of_range",
+                f"battery_power_w {power:g} exceeds max_charge_w {caps.max_charge_w:g} (charging)",
+                {"field": "battery_power_w", "min": -caps.max_charge_w},
+            )
+
+    def _accept(self, setpoint: Setpoint, revert_after_s: float | None) -> ActiveSetpoint:
+        current = self.active_setpoint.setpoint
+        merged = Setpoint(
+            power_limit_pct=(
+                current.power_limit_pct if setpoint.power_limit_pct is None else setpoint.power_limit_pct
+            ),
+            battery_power_w=(
+                current.battery_power_w if setpoint.battery_power_w is None else setpoint.battery_power_w
+            ),
+            on=current.on if setpoint.on is None else setpoint.on,
+        )
+        if revert_after_s is None:
+            self._deadline = None
+            self._active = ActiveSetpoint(merged, None)
+        else:
+            self._deadline = time.monotonic() + revert_after_s
+            self._active = ActiveSetpoint(merged, time.time() + revert_after_s)
+        return self._active
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Every error leaves as the protocol's JSON error body."""
+    try:
+        return await handler(request)
+    except _ApiError as err:
+        return _error_response(err)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        code = _HTTP_CODES.get(err.status, "bad_request" if err.status < 500 else "internal_error")
+        headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
+        if err.status == 404:
+            message = f"no endpoint {request.path}"
+        elif err.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = err.text or err.reason
+        return _error_response(_ApiError(err.status, code, message), headers)
+    except Exception as err:
+        _LOGGER.exception("ORES-HTTP sim: %s %s failed", request.method, request.path)
+        return _error_response(_ApiError(500, "internal_error", f"{type(err).__name__}: {err}"))
+
+
+async def start_ores_http_server(
+    module: SimulatedModule, *, host: str = "127.0.0.1", port: int = 0, credential: str | None = None
+) -> OresHttpSimServer:
+    """Serve ``module`` over ORES-HTTP on ``host:port`` (0 = an ephemeral port, see ``.address``)."""
+    server = OresHttpSimServer(module, credential=credential)
+    await server.start(host, port)
+    return server

@@ -1,0 +1,104 @@
+"""Assembling the hub: build every part, wire them into one aiohttp application, run its background work.
+
+``build_app`` opens the stores in the data directory (registry, tokens, settings, history), creates the live
+state, arbiter and link manager, and registers the API routes and the error middleware.  The background work
+(history writer, one poller per module, the alert evaluator, token last-use flushing) runs inside the app's
+``cleanup_ctx``, so it starts with the server and stops with it; push streams end when the event bus closes
+at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from devices.drivers import load_builtin_drivers
+from hub.api.errors import error_middleware
+from hub.api.routes import apply_hub_settings, router
+from hub.api.routing import MAX_BODY_BYTES
+from hub.auth import AuthStore, setup_auth
+from hub.config import HubConfig, SettingsStore
+from hub.context import HubContext, hub_key
+from hub.control import ControlArbiter
+from hub.history import History
+from hub.notify import Alerts
+from hub.poller import LinkManager, PollConfig
+from hub.registry import Registry
+from hub.state import EventBus, LiveState
+
+_LOGGER = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def build_context(config: HubConfig) -> HubContext:
+    data = config.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)
+    settings = SettingsStore(data / "settings.json")
+    registry = Registry(data / "registry.json")
+    history = History(data / "history.sqlite3")
+    auth = AuthStore(data / "auth.json")
+    bus = EventBus()
+    state = LiveState(bus)
+    arbiter = ControlArbiter()
+    links = LinkManager(registry, state, history, arbiter, PollConfig())
+    alerts = Alerts(bus)
+    hub = HubContext(config, settings, registry, history, auth, bus, state, arbiter, links, alerts)
+    apply_hub_settings(hub)
+    alerts.low_soc_pct = settings.app.low_soc_alert_pct
+    alerts.max_temperature_c = settings.app.max_temperature_alert_c
+    return hub
+
+
+def build_app(config: HubConfig) -> web.Application:
+    load_builtin_drivers()
+    hub = build_context(config)
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[hub_key] = hub
+    setup_auth(app, hub.auth)
+    router.add_routes(app)
+    openapi = router.openapi()
+
+    async def openapi_json(_: web.Request) -> web.Response:
+        return web.json_response(openapi)
+
+    async def index(_: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    app.router.add_get("/openapi.json", openapi_json)
+    if (STATIC_DIR / "index.html").exists():
+        app.router.add_get("/", index)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    hub = app[hub_key]
+    await hub.history.start()
+    hub.links.start_all()
+    evaluator = asyncio.create_task(_evaluate_alerts(hub), name="alerts")
+    try:
+        yield
+    finally:
+        evaluator.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await evaluator
+        hub.bus.close()
+        await hub.links.stop()
+        await hub.history.stop()
+        hub.registry.close()
+        await hub.auth.close()
+
+
+async def _evaluate_alerts(hub: HubContext) -> None:
+    while True:
+        await asyncio.sleep(hub.settings.hub.poll_interval_s)
+        try:
+            hub.alerts.evaluate(hub.state)
+        except Exception:
+            _LOGGER.exception("alert evaluation failed")

@@ -1,0 +1,148 @@
+"""The ``ores-hub`` command: run the hub, optionally with a simulated home on loopback.
+
+``ores-hub --demo`` starts the simulated modules (real SunSpec Modbus TCP and ORES-HTTP endpoints on
+127.0.0.1), starts the hub, registers every simulated module through the same path as
+``POST /device/register``, and prints where the hub listens and how to pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from devices.sim.base import SimServer
+from hub import __version__
+from hub.app import build_app
+from hub.config import DEFAULT_DEVICE_NETWORKS, HubConfig
+from hub.context import HubContext, hub_key
+from hub.register import register_module
+
+_LOGGER = logging.getLogger("ores-hub")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("ORES_DATA_DIR")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "ores-hub"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ores-hub", description="ORES Hub: local control unit for home energy")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for LAN)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0 picks a free one)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the hub keeps its state")
+    p.add_argument("--demo", action="store_true", help="run with a simulated home on loopback")
+    p.add_argument("--speedup", type=float, default=60.0, help="demo: simulated seconds per real second")
+    p.add_argument(
+        "--device-network",
+        action="append",
+        metavar="CIDR",
+        help="a network where modules may live (repeatable; default: loopback, private and link-local ranges)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"ores-hub {__version__}")
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -> None:
+    data_dir = args.data_dir or (Path("ores-demo-data") if args.demo else default_data_dir())
+    networks = tuple(args.device_network) if args.device_network else DEFAULT_DEVICE_NETWORKS
+    config = HubConfig(
+        data_dir=data_dir,
+        host=args.host,
+        port=args.port,
+        demo=args.demo,
+        speedup=args.speedup,
+        device_networks=networks,
+        allow_local_names=not args.device_network,
+    )
+    sims: list[SimServer] = []
+    if args.demo:
+        from devices.sim.home import serve_demo_home
+
+        sims = await serve_demo_home(speedup=args.speedup)
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = _bound_port(site, args.port)
+    hub = app[hub_key]
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
+    print(f"ORES Hub {__version__} listening on {url}  (API: {url}/openapi.json, dashboard: {url}/)", flush=True)
+    print(f"Data directory: {data_dir.resolve()}", flush=True)
+    _print_pairing(hub, url)
+    if sims:
+        await _register_sims(hub, sims)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("Stopping ...", flush=True)
+        await runner.cleanup()
+        for sim in sims:
+            await sim.stop()
+
+
+def _bound_port(site: web.TCPSite, fallback: int) -> int:
+    server = site._server  # aiohttp keeps the asyncio server here; no public accessor exists
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else fallback
+
+
+def _print_pairing(hub: HubContext, url: str) -> None:
+    code = hub.auth.pairing_code
+    if code is None:
+        print("Paired clients exist; issue a new pairing code from the app (POST /auth/pairing-code).", flush=True)
+        return
+    print(f"Pairing code: {code}   (one use; it makes the installer token)", flush=True)
+    print(
+        f"Pair:  curl -s -X POST {url}/auth/pair -H 'Content-Type: application/json' "
+        f"-d '{{\"code\": \"{code}\", \"name\": \"my laptop\"}}'",
+        flush=True,
+    )
+
+
+async def _register_sims(hub: HubContext, sims: list[SimServer]) -> None:
+    from devices.errors import DeviceError
+    from hub.register import RegistrationError
+
+    async def one(sim: SimServer) -> None:
+        try:
+            record, _ = await register_module(hub, sim.address)
+        except (DeviceError, RegistrationError) as err:
+            _LOGGER.error("could not register simulated module at %s: %s", sim.address, err)
+            return
+        print(f"  registered {record.kind.value:<13} {record.device_id:<32} {record.protocol:<15} {record.address}")
+
+    print(f"Registering {len(sims)} simulated modules:", flush=True)
+    await asyncio.gather(*(one(sim) for sim in sims))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

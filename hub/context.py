@@ -1,0 +1,35 @@
+"""The hub's running parts, gathered in one object that the API handlers reach through ``hub_key``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from hub.auth import AuthStore
+from hub.config import HubConfig, SettingsStore
+from hub.control import ControlArbiter
+from hub.history import History
+from hub.notify import Alerts
+from hub.poller import LinkManager
+from hub.registry import Registry
+from hub.state import EventBus, LiveState
+
+
+@dataclass(slots=True)
+class HubContext:
+    config: HubConfig
+    settings: SettingsStore
+    registry: Registry
+    history: History
+    auth: AuthStore
+    bus: EventBus
+    state: LiveState
+    arbiter: ControlArbiter
+    links: LinkManager
+    alerts: Alerts
+    started_at: float = field(default_factory=time.time)
+
+
+hub_key: web.AppKey[HubContext] = web.AppKey("hub", HubContext)

@@ -1,0 +1,807 @@
+"""Tests of the ORES-HTTP driver against the real simulated module server and misbehaving servers.
+
+Everything runs over real sockets on 127.0.0.1: the round trip per kind (identity, capabilities, telemetry
+values and signs, control reaching the module including the watchdog), errors the protocol defines (4xx on
+control, authentication), and servers that break the protocol in every way the driver must survive, each
+mapped to its ``devices.errors`` exception with the reason in the log.  A hypothesis test feeds arbitrary
+JSON-ish bodies to the telemetry parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devices.drivers.base import Address, Driver
+from devices.drivers.ores_http import OresHttpDriver, parse_identity_body, parse_telemetry_body
+from devices.errors import (
+    AuthenticationFailed,
+    CommandRejected,
+    DeviceUnreachable,
+    NotSupported,
+    ProtocolError,
+)
+from devices.model import (
+    Capabilities,
+    DeviceInfo,
+    DeviceKind,
+    Identity,
+    OperatingState,
+    Setpoint,
+    Telemetry,
+)
+from devices.ores_http_wire import MAX_BODY_BYTES
+from devices.sim.base import StaticModule
+from devices.sim.ores_http_server import OresHttpSimServer, start_ores_http_server
+
+LOGGER_NAME = "devices.drivers.ores_http"
+
+# -------------------- modules per kind
+
+MODULES: dict[DeviceKind, tuple[DeviceInfo, Telemetry]] = {
+    DeviceKind.MICROINVERTER: (
+        DeviceInfo(
+            DeviceKind.MICROINVERTER,
+            Identity("Acme Solar", "MI-400", "MI-0001", "1.2.3"),
+            Capabilities(rated_power_w=400.0),
+        ),
+        Telemetry(
+            ts=0.0,
+            state=OperatingState.THROTTLED,
+            power_w=312.5,
+            energy_out_wh=81234.5,
+            energy_in_wh=0.0,
+            voltage_v=121.3,
+            current_a=2.58,
+            frequency_hz=60.01,
+            temperature_c=41.0,
+            power_limit_pct=80.0,
+        ),
+    ),
+    DeviceKind.ENERGYSTORAGE: (
+        DeviceInfo(
+            DeviceKind.ENERGYSTORAGE,
+            Identity("Acme Storage", "B-5", "B5-0042", "2.1.0"),
+            Capabilities(
+                rated_power_w=2500.0,
+                capacity_wh=5000.0,
+                max_charge_w=2000.0,
+                max_discharge_w=2500.0,
+                min_soc_pct=10.0,
+                max_soc_pct=95.0,
+            ),
+        ),
+        # charging at 1.2 kW: negative power, energy_in grows
+        Telemetry(
+            ts=0.0, power_w=-1200.0, energy_out_wh=900.0, energy_in_wh=1100.0, soc_pct=64.2, soh_pct=98.0
+        ),
+    ),
+    DeviceKind.METER: (
+        DeviceInfo(
+            DeviceKind.METER, Identity("Acme Grid", "M-1", "M1-7", "0.9"), Capabilities(controllable=False)
+        ),
+        # exporting 450 W to the grid: negative power
+        Telemetry(ts=0.0, power_w=-450.0, energy_out_wh=123456.0, energy_in_wh=654.0, grid_ok=True),
+    ),
+    DeviceKind.SMARTPLUG: (
+        DeviceInfo(
+            DeviceKind.SMARTPLUG,
+            Identity("Acme Plugs", "P-1", "P1-99", "3.0"),
+            Capabilities(rated_power_w=3680.0, priority=2, critical=True),
+        ),
+        # a 60 W load consuming: negative power
+        Telemetry(ts=0.0, power_w=-60.0, energy_in_wh=42.0, on=True),
+    ),
+}
+
+APPLICABLE: dict[DeviceKind, Setpoint] = {
+    DeviceKind.MICROINVERTER: Setpoint(power_limit_pct=50.0),
+    DeviceKind.ENERGYSTORAGE: Setpoint(battery_power_w=-800.0),
+    DeviceKind.SMARTPLUG: Setpoint(on=False),
+}
+
+
+def static_module(kind: DeviceKind, **sample_changes: object) -> StaticModule:
+    info, sample = MODULES[kind]
+    return StaticModule(info=info, sample=replace(sample, **sample_changes))  # type: ignore[arg-type]
+
+
+ServeFn = Callable[..., Awaitable[OresHttpSimServer]]
+DriverFn = Callable[..., OresHttpDriver]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServeFn]:
+    servers: list[OresHttpSimServer] = []
+
+    async def start(module: StaticModule, **kwargs: object) -> OresHttpSimServer:
+        server = await start_ores_http_server(module, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def make_driver() -> AsyncIterator[DriverFn]:
+    drivers: list[OresHttpDriver] = []
+
+    def make(address: Address, **kwargs: object) -> OresHttpDriver:
+        driver = OresHttpDriver(address, **kwargs)  # type: ignore[arg-type]
+        drivers.append(driver)
+        return driver
+
+    yield make
+    for driver in drivers:
+        await driver.close()
+
+
+# -------------------- hand-written servers
+
+RawHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[dict[str, RawHandler]], Awaitable[Address]]]:
+    """Start an aiohttp server whose endpoints under /ores/v1 are the given handlers."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handlers: dict[str, RawHandler]) -> Address:
+        app = web.Application()
+        for name, handler in handlers.items():
+            app.router.add_route("*", f"/ores/v1/{name}", handler)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return Address("http", "127.0.0.1", int(runner.addresses[0][1]), "/ores/v1")
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def body_handler(body: bytes | str, status: int = 200, content_type: str = "application/json") -> RawHandler:
+    data = body.encode() if isinstance(body, str) else body
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=data, content_type=content_type)
+
+    return handler
+
+
+def json_handler(value: object, status: int = 200) -> RawHandler:
+    return body_handler(json.dumps(value), status)
+
+
+VALID_TELEMETRY = {"ts": "2025-06-01T12:00:00.250Z", "state": "running", "power_w": 312.5}
+VALID_IDENTITY = {
+    "protocol": "ores-http",
+    "protocol_version": "1.0",
+    "kind": "microinverter",
+    "vendor": "Acme",
+    "model": "MI",
+    "serial": "S1",
+    "firmware_version": "1",
+}
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
+    return caplog
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == LOGGER_NAME)
+
+
+# -------------------- round trips
+
+
+def test_driver_satisfies_the_driver_protocol() -> None:
+    driver = OresHttpDriver(Address.parse("http://127.0.0.1:8080"))
+    assert isinstance(driver, Driver)
+    assert OresHttpDriver.protocol == "ores-http"
+    assert OresHttpDriver.schemes == ("http",)
+    assert driver.address.path == "/ores/v1"
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+async def test_round_trip_identity_and_telemetry(
+    kind: DeviceKind, serve: ServeFn, make_driver: DriverFn
+) -> None:
+    module = static_module(kind)
+    server = await serve(module)
+    driver = make_driver(server.address)
+
+    info = await driver.probe()
+    assert info == module.info  # kind, identity and every capability survive the wire
+    assert driver.info == info
+
+    before = time.time()
+    sample = await driver.read()
+    after = time.time()
+    assert replace(sample, ts=0.0) == module.sample  # values and signs exactly as the module reported
+    assert before - 0.001 <= sample.ts <= after  # ts crosses the wire as ISO 8601 with milliseconds
+
+
+async def test_signs_follow_the_hub_convention(serve: ServeFn, make_driver: DriverFn) -> None:
+    readings = {}
+    for kind in MODULES:
+        server = await serve(static_module(kind))
+        readings[kind] = await make_driver(server.address).read()
+    assert readings[DeviceKind.MICROINVERTER].power_w == 312.5  # producing
+    assert readings[DeviceKind.ENERGYSTORAGE].power_w == -1200.0  # charging
+    assert readings[DeviceKind.METER].power_w == -450.0  # exporting
+    assert readings[DeviceKind.SMARTPLUG].power_w == -60.0  # consuming
+
+
+@pytest.mark.parametrize("kind", list(APPLICABLE))
+async def test_control_reaches_the_module_with_its_watchdog(
+    kind: DeviceKind, serve: ServeFn, make_driver: DriverFn
+) -> None:
+    module = static_module(kind)
+    server = await serve(module)
+    driver = make_driver(server.address)
+    setpoint = APPLICABLE[kind]
+
+    before = time.time()
+    await driver.apply(setpoint, revert_after_s=30.0)
+    after = time.time()
+
+    assert module.received == [(setpoint, 30.0)]
+    status = await driver.status()
+    assert status.active.setpoint == setpoint
+    assert status.active.revert_at is not None
+    assert before + 30.0 - 0.001 <= status.active.revert_at <= after + 30.0
+
+
+async def test_control_is_reflected_in_telemetry(serve: ServeFn, make_driver: DriverFn) -> None:
+    inverter = static_module(DeviceKind.MICROINVERTER)
+    plug = static_module(DeviceKind.SMARTPLUG)
+    inv_driver = make_driver((await serve(inverter)).address)
+    plug_driver = make_driver((await serve(plug)).address)
+    await inv_driver.apply(Setpoint(power_limit_pct=25.0))
+    await plug_driver.apply(Setpoint(on=False))
+    assert (await inv_driver.read()).power_limit_pct == 25.0
+    assert (await plug_driver.read()).on is False
+
+
+async def test_control_returns_the_accepted_setpoint_without_watchdog(
+    serve: ServeFn, make_driver: DriverFn
+) -> None:
+    module = static_module(DeviceKind.ENERGYSTORAGE)
+    driver = make_driver((await serve(module)).address)
+    active = await driver.control(Setpoint(battery_power_w=1500.0))
+    assert active is not None
+    assert active.setpoint == Setpoint(battery_power_w=1500.0)
+    assert active.revert_at is None
+    assert module.received == [(Setpoint(battery_power_w=1500.0), None)]
+
+
+async def test_watchdog_expiry_shows_in_status(serve: ServeFn, make_driver: DriverFn) -> None:
+    module = static_module(DeviceKind.MICROINVERTER)
+    driver = make_driver((await serve(module)).address)
+    await driver.apply(Setpoint(power_limit_pct=40.0), revert_after_s=0.05)
+    deadline = time.monotonic() + 10.0
+    while (status := await driver.status()).active.setpoint != Setpoint():
+        assert time.monotonic() < deadline, f"setpoint never reverted: {status}"
+        await asyncio.sleep(0.01)
+    assert status.active.revert_at is None
+
+
+async def test_release_returns_module_to_default(serve: ServeFn, make_driver: DriverFn) -> None:
+    module = static_module(DeviceKind.MICROINVERTER)
+    driver = make_driver((await serve(module)).address)
+    await driver.apply(Setpoint(power_limit_pct=40.0), revert_after_s=60.0)
+    await driver.apply(Setpoint(release=True), revert_after_s=60.0)
+    assert module.received[-1] == (Setpoint(release=True), None)
+    status = await driver.status()
+    assert status.active.setpoint == Setpoint()
+    assert status.active.revert_at is None
+
+
+async def test_empty_setpoint_sends_nothing(serve: ServeFn, make_driver: DriverFn) -> None:
+    module = static_module(DeviceKind.MICROINVERTER)
+    driver = make_driver((await serve(module)).address)
+    assert await driver.control(Setpoint()) is None
+    assert module.received == []
+
+
+# -------------------- control refusals
+
+
+async def test_setpoint_for_another_kind_is_not_supported(serve: ServeFn, make_driver: DriverFn) -> None:
+    module = static_module(DeviceKind.MICROINVERTER)
+    server = await serve(module)
+    unprobed = make_driver(server.address)
+    with pytest.raises(NotSupported, match="applies to smartplug"):
+        await unprobed.apply(Setpoint(on=True))  # the module answers 422 not_applicable
+    probed = make_driver(server.address)
+    await probed.probe()
+    with pytest.raises(NotSupported, match="on does not apply to a microinverter"):
+        await probed.apply(Setpoint(on=True))  # refused before sending
+    assert module.received == []
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (DeviceKind.MICROINVERTER, Setpoint(power_limit_pct=150.0), "out_of_range: control.power_limit_pct"),
+        (DeviceKind.ENERGYSTORAGE, Setpoint(battery_power_w=3000.0), "exceeds max_discharge_w 2500"),
+        (DeviceKind.ENERGYSTORAGE, Setpoint(battery_power_w=-2500.0), "exceeds max_charge_w 2000"),
+    ],
+)
+async def test_out_of_range_setpoint_is_rejected(
+    case: tuple[DeviceKind, Setpoint, str],
+    serve: ServeFn,
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    kind, setpoint, reason = case
+    module = static_module(kind)
+    driver = make_driver((await serve(module)).address)
+    with pytest.raises(CommandRejected, match="HTTP 422") as exc:
+        await driver.apply(setpoint)
+    assert reason in str(exc.value)
+    assert reason in logged(log)
+    assert module.received == []
+
+
+async def test_module_value_error_reaches_the_hub(serve: ServeFn, make_driver: DriverFn) -> None:
+    class ColdBattery(StaticModule):
+        def apply(self, setpoint: Setpoint, *, revert_after_s: float | None = None) -> None:
+            raise ValueError("battery is too cold to charge")
+
+    info, sample = MODULES[DeviceKind.ENERGYSTORAGE]
+    driver = make_driver((await serve(ColdBattery(info=info, sample=sample))).address)
+    with pytest.raises(CommandRejected, match="HTTP 422 out_of_range: battery is too cold to charge"):
+        await driver.apply(Setpoint(battery_power_w=-100.0))
+
+
+async def test_control_in_fault_or_on_uncontrollable_module_is_refused(
+    serve: ServeFn, make_driver: DriverFn
+) -> None:
+    faulty = static_module(DeviceKind.MICROINVERTER, state=OperatingState.FAULT)
+    driver = make_driver((await serve(faulty)).address)
+    with pytest.raises(CommandRejected, match="HTTP 409 not_allowed_in_state"):
+        await driver.apply(Setpoint(power_limit_pct=10.0))
+    await driver.apply(Setpoint(release=True))  # a release is always allowed
+    assert faulty.received == [(Setpoint(release=True), None)]
+
+    info, sample = MODULES[DeviceKind.SMARTPLUG]
+    fixed = StaticModule(info=replace(info, capabilities=Capabilities(controllable=False)), sample=sample)
+    driver = make_driver((await serve(fixed)).address)
+    with pytest.raises(CommandRejected, match="HTTP 409 not_controllable"):
+        await driver.apply(Setpoint(on=False))
+
+
+async def test_non_finite_setpoint_is_rejected_locally(serve: ServeFn, make_driver: DriverFn) -> None:
+    module = static_module(DeviceKind.ENERGYSTORAGE)
+    driver = make_driver((await serve(module)).address)
+    with pytest.raises(CommandRejected, match="not finite"):
+        await driver.apply(Setpoint(battery_power_w=math.nan))
+    assert module.received == []
+
+
+# -------------------- authentication
+
+
+async def test_bearer_credential(
+    serve: ServeFn, make_driver: DriverFn, log: pytest.LogCaptureFixture
+) -> None:
+    module = static_module(DeviceKind.SMARTPLUG)
+    server = await serve(module, credential="s3cret-token")
+
+    anonymous = make_driver(server.address)
+    assert await anonymous.probe() == module.info  # /identity stays open
+    with pytest.raises(AuthenticationFailed, match="HTTP 401 unauthorized"):
+        await anonymous.read()
+    assert "HTTP 401 unauthorized" in logged(log)
+
+    wrong = make_driver(server.address, credential="not-it")
+    with pytest.raises(AuthenticationFailed):
+        await wrong.apply(Setpoint(on=False))
+    assert module.received == []
+
+    right = make_driver(server.address, credential="s3cret-token")
+    assert (await right.read()).on is True
+    await right.apply(Setpoint(on=False))
+    assert module.received == [(Setpoint(on=False), None)]
+
+
+async def test_forbidden_on_control_is_an_authentication_failure(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]], make_driver: DriverFn
+) -> None:
+    error = {"error": {"code": "forbidden", "message": "not yours", "details": {}}}
+    address = await raw_server({"control": json_handler(error, 403)})
+    with pytest.raises(AuthenticationFailed, match="not yours"):
+        await make_driver(address).apply(Setpoint(on=True))
+
+
+def test_credential_must_be_header_safe() -> None:
+    address = Address.parse("http://127.0.0.1:1")
+    for bad in ("", "two words", "line\nbreak", "ünïcode"):
+        with pytest.raises(ValueError):
+            OresHttpDriver(address, credential=bad)
+
+
+# -------------------- connection handling
+
+
+async def test_polls_reuse_one_keep_alive_connection(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]], make_driver: DriverFn
+) -> None:
+    peers: list[object] = []
+
+    async def telemetry(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.json_response(VALID_TELEMETRY)
+
+    driver = make_driver(await raw_server({"telemetry": telemetry}))
+    for _ in range(5):
+        await driver.read()
+    assert len(peers) == 5
+    assert len(set(peers)) == 1  # the same client socket every time
+
+
+async def test_close_is_idempotent_and_the_driver_reopens(serve: ServeFn) -> None:
+    server = await serve(static_module(DeviceKind.METER))
+    driver = OresHttpDriver(server.address)
+    await driver.close()  # before any request
+    assert (await driver.read()).grid_ok is True
+    await driver.close()
+    await driver.close()
+    assert (await driver.read()).grid_ok is True  # a new session after close
+    await driver.close()
+
+
+async def test_stopping_leaves_no_tasks(serve: ServeFn) -> None:
+    server = await serve(static_module(DeviceKind.METER))
+    driver = OresHttpDriver(server.address)
+    await driver.probe()
+    await driver.read()
+    await driver.close()
+    await server.stop()
+    assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+
+
+# -------------------- misbehaving servers
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": 1', "body is not JSON"),
+        (b"\xff\xfe not utf-8", "body is not UTF-8"),
+        (b"[1, 2, 3]", "telemetry: expected an object, got array"),
+        (
+            b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": "312"}',
+            "telemetry.power_w: expected a number",
+        ),
+        (
+            b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": true}',
+            "telemetry.power_w: expected a number",
+        ),
+        (b'{"ts": 1748779200, "state": "running", "power_w": 1}', "telemetry.ts: expected a string"),
+        (b'{"ts": "2025-06-01T12:00:00", "state": "running", "power_w": 1}', "has no UTC offset"),
+        (b'{"ts": "yesterday", "state": "running", "power_w": 1}', "not an ISO 8601 timestamp"),
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": 3, "power_w": 1}', "telemetry.state: expected a string"),
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": 1, "on": "yes"}', "telemetry.on"),
+        (b'{"state": "running", "power_w": 1}', "missing required field 'ts'"),
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": "running"}', "missing required field 'power_w'"),
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": NaN}', "JSON constant NaN"),
+        (
+            b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": -Infinity}',
+            "JSON constant -Infinity",
+        ),
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": 1e999}', "number must be finite"),
+        (
+            b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": 1' + b"0" * 400 + b"}",
+            "number too large",
+        ),
+        (b'{"ts": "2025-06-01T12:00:00Z", "state": "running", "power_w": 1, "soc_pct": 140}', "soc_pct: 140"),
+        (b"[" * 60000, "nested too deeply"),
+    ],
+    ids=lambda v: v[:40].decode("utf-8", "replace") if isinstance(v, bytes) else None,
+)
+async def test_malformed_telemetry_is_a_protocol_error(
+    body: bytes,
+    reason: str,
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    driver = make_driver(await raw_server({"telemetry": body_handler(body)}))
+    with pytest.raises(ProtocolError) as exc:
+        await driver.read()
+    assert reason in str(exc.value)
+    assert reason in logged(log)
+    assert any(r.levelno == logging.WARNING for r in log.records if r.name == LOGGER_NAME)
+
+
+async def test_unknown_enum_values_and_fields_are_tolerated(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]], make_driver: DriverFn
+) -> None:
+    identity = {**VALID_IDENTITY, "kind": "windturbine", "colour": "green", "capabilities": {"future_w": 1}}
+    telemetry = {**VALID_TELEMETRY, "state": "hibernating", "reactive_power_var": 12.0}
+    address = await raw_server({"identity": json_handler(identity), "telemetry": json_handler(telemetry)})
+    driver = make_driver(address)
+    info = await driver.probe()
+    assert info.kind is DeviceKind.UNKNOWN
+    assert info.identity == Identity("Acme", "MI", "S1", "1")
+    sample = await driver.read()
+    assert sample.state is OperatingState.UNKNOWN
+    assert sample.power_w == 312.5
+    assert sample.ts == datetime(2025, 6, 1, 12, 0, 0, 250000, tzinfo=UTC).timestamp()
+
+
+async def test_huge_body_is_refused(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    padding = " " * (MAX_BODY_BYTES + 10)
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for _ in range(64):  # 2 MiB in 32 KiB chunks, no Content-Length
+                await response.write(b" " * 32768)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        return response
+
+    address = await raw_server(
+        {"telemetry": body_handler(json.dumps(VALID_TELEMETRY) + padding), "identity": chunked}
+    )
+    driver = make_driver(address)
+    with pytest.raises(ProtocolError, match=f"exceeds {MAX_BODY_BYTES} bytes"):
+        await driver.read()  # announced by Content-Length
+    with pytest.raises(ProtocolError, match=f"exceeds {MAX_BODY_BYTES} bytes"):
+        await driver.probe()  # streamed without a length
+    assert f"response body exceeds {MAX_BODY_BYTES} bytes" in logged(log)
+
+
+async def test_server_errors(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    error = {"error": {"code": "internal_error", "message": "sensor bus failed", "details": {}}}
+    address = await raw_server(
+        {
+            "telemetry": json_handler(error, 500),
+            "status": body_handler("<html>busy</html>", 503, "text/html"),
+        }
+    )
+    driver = make_driver(address)
+    with pytest.raises(ProtocolError, match="HTTP 500 internal_error: sensor bus failed"):
+        await driver.read()
+    with pytest.raises(DeviceUnreachable, match="HTTP 503"):
+        await driver.status()
+    assert "HTTP 500 internal_error: sensor bus failed" in logged(log)
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        (body_handler("not found", 404, "text/plain"), "HTTP 404"),
+        (body_handler("<html>router admin</html>", 200, "text/html"), "identity is not JSON"),
+        (json_handler({"name": "some other device"}), "protocol is None"),
+        (
+            json_handler({**VALID_IDENTITY, "protocol_version": "2.0"}),
+            "protocol version 2.0 is not supported",
+        ),
+    ],
+    ids=["404", "html", "other-json", "major-2"],
+)
+async def test_probe_of_something_else_is_not_supported(
+    handler: RawHandler,
+    reason: str,
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    driver = make_driver(await raw_server({"identity": handler}))
+    with pytest.raises(NotSupported) as exc:
+        await driver.probe()
+    assert reason in str(exc.value)
+    assert reason in logged(log)
+    assert driver.info is None
+
+
+@pytest.mark.parametrize(
+    ("identity", "reason"),
+    [
+        ({k: v for k, v in VALID_IDENTITY.items() if k != "serial"}, "missing required field 'serial'"),
+        ({**VALID_IDENTITY, "vendor": "  "}, "identity.vendor: must not be empty"),
+        ({**VALID_IDENTITY, "protocol_version": "one"}, "expected 'MAJOR.MINOR'"),
+        ({**VALID_IDENTITY, "capabilities": {"rated_power_w": -5}}, "rated_power_w: -5 is outside"),
+        ({**VALID_IDENTITY, "capabilities": {"priority": 1.5}}, "priority: expected an integer"),
+        ({**VALID_IDENTITY, "capabilities": []}, "capabilities: expected an object"),
+    ],
+)
+async def test_malformed_ores_identity_is_a_protocol_error(
+    identity: dict[str, object],
+    reason: str,
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+) -> None:
+    driver = make_driver(await raw_server({"identity": json_handler(identity)}))
+    with pytest.raises(ProtocolError) as exc:
+        await driver.probe()
+    assert reason in str(exc.value)
+
+
+async def test_control_errors_from_a_foreign_server(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    conflict = {
+        "error": {"code": "not_allowed_in_state", "message": "module is updating firmware", "details": {}}
+    }
+    address = await raw_server({"control": json_handler(conflict, 409)})
+    with pytest.raises(CommandRejected, match="HTTP 409 not_allowed_in_state: module is updating firmware"):
+        await make_driver(address).apply(Setpoint(on=True))
+    assert "module is updating firmware" in logged(log)
+
+    address = await raw_server({"control": body_handler("nope", 400, "text/plain")})
+    with pytest.raises(CommandRejected, match="HTTP 400"):
+        await make_driver(address).apply(Setpoint(on=True))
+
+    address = await raw_server({"control": json_handler({"power_limit_pct": "fifty"})})
+    with pytest.raises(ProtocolError, match=r"control reply\.power_limit_pct: expected a number"):
+        await make_driver(address).apply(Setpoint(power_limit_pct=50.0))
+
+
+async def test_slow_server_is_unreachable(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    never = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        entered.set()
+        await never.wait()  # never set: the module hangs
+        return web.json_response(VALID_TELEMETRY)
+
+    driver = make_driver(await raw_server({"telemetry": stuck}), timeout=0.2)
+    try:
+        with pytest.raises(DeviceUnreachable, match=r"no answer within 0\.2 s"):
+            await driver.read()
+    finally:
+        never.set()
+    assert entered.is_set()  # the request did reach the server: the timeout, not a refusal, ended it
+    assert "no answer within 0.2 s" in logged(log)
+
+
+@pytest.fixture
+def refused_address() -> Iterator[Address]:
+    """A port that is bound but not listening: connections to it are refused, and nobody else can take it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield Address("http", "127.0.0.1", sock.getsockname()[1], "/ores/v1")
+
+
+async def test_connection_refused_is_unreachable(
+    refused_address: Address, make_driver: DriverFn, log: pytest.LogCaptureFixture
+) -> None:
+    driver = make_driver(refused_address)
+    with pytest.raises(DeviceUnreachable, match="Cannot connect"):
+        await driver.probe()
+    with pytest.raises(DeviceUnreachable):
+        await driver.read()
+    with pytest.raises(DeviceUnreachable):
+        await driver.apply(Setpoint(on=True))
+    assert "Cannot connect" in logged(log)
+
+
+async def test_repeated_failure_is_logged_once_at_warning(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    driver = make_driver(await raw_server({"telemetry": body_handler(b"garbage")}))
+    for _ in range(3):
+        with pytest.raises(ProtocolError):
+            await driver.read()
+    levels = [r.levelno for r in log.records if r.name == LOGGER_NAME]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+# -------------------- property test
+
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+)
+_json = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_timestamps = st.one_of(
+    st.datetimes(timezones=st.none() | st.timezones()).map(datetime.isoformat),
+    st.sampled_from(
+        ["2025-06-01T12:00:00Z", "2025-06-01", "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+    ),
+    _json,
+)
+_telemetry_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "ts": _timestamps,
+        "state": st.sampled_from([s.value for s in OperatingState]) | _json,
+        **{
+            name: st.floats(allow_nan=True, allow_infinity=True) | _json
+            for name in (
+                "power_w",
+                "energy_out_wh",
+                "energy_in_wh",
+                "voltage_v",
+                "current_a",
+                "frequency_hz",
+                "temperature_c",
+                "soc_pct",
+                "soh_pct",
+                "power_limit_pct",
+            )
+        },
+        "on": st.booleans() | _json,
+        "grid_ok": st.booleans() | _json,
+    },
+)
+_bodies = st.one_of(
+    _telemetry_like.map(lambda v: json.dumps(v).encode()),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=64),
+    st.text(max_size=64).map(str.encode),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies)
+def test_telemetry_parser_only_raises_protocol_error(body: bytes) -> None:
+    try:
+        sample = parse_telemetry_body(body)
+    except ProtocolError:
+        return
+    assert isinstance(sample, Telemetry)
+    assert math.isfinite(sample.ts)
+    for value in (sample.power_w, sample.energy_out_wh, sample.soc_pct, sample.power_limit_pct):
+        assert value is None or math.isfinite(value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_json.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=64))
+def test_identity_parser_only_raises_protocol_errors(body: bytes) -> None:
+    with contextlib.suppress(NotSupported, ProtocolError):
+        parse_identity_body(body)

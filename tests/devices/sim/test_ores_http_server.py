@@ -1,0 +1,372 @@
+"""Tests of the simulated ORES-HTTP module server, spoken to with a plain aiohttp client.
+
+They check the server against docs/module-protocol.md itself (not through the hub's driver): the JSON shapes
+of the four endpoints, the error body and status for every kind of bad request, the bearer check, the
+active setpoint and watchdog in ``/status``, and a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+
+from devices.drivers.base import Address
+from devices.model import (
+    Capabilities,
+    DeviceInfo,
+    DeviceKind,
+    Identity,
+    OperatingState,
+    Setpoint,
+    Telemetry,
+)
+from devices.ores_http_wire import MAX_BODY_BYTES, Fault, parse_ts
+from devices.sim.base import SimServer, StaticModule
+from devices.sim.ores_http_server import OresHttpSimServer, ReportsFaults, start_ores_http_server
+
+INVERTER = DeviceInfo(
+    DeviceKind.MICROINVERTER,
+    Identity("Acme Solar", "MI-400", "MI-0001", "1.2.3"),
+    Capabilities(rated_power_w=400.0),
+)
+BATTERY = DeviceInfo(
+    DeviceKind.ENERGYSTORAGE,
+    Identity("Acme Storage", "B-5", "B5-0042", "2.1.0"),
+    Capabilities(capacity_wh=5000.0, max_charge_w=2000.0, max_discharge_w=2500.0),
+)
+
+
+def inverter(**changes: Any) -> StaticModule:
+    return StaticModule(info=INVERTER, sample=Telemetry(ts=0.0, power_w=300.0, energy_out_wh=10.0, **changes))
+
+
+Serve = Callable[..., Awaitable[OresHttpSimServer]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[OresHttpSimServer] = []
+
+    async def start(module: StaticModule, **kwargs: Any) -> OresHttpSimServer:
+        server = await start_ores_http_server(module, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def url(server: OresHttpSimServer, endpoint: str) -> str:
+    return f"{server.address}/{endpoint}"
+
+
+async def call(
+    http: aiohttp.ClientSession,
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async with http.request(method, target, data=body, headers=headers) as response:
+        raw = await response.read()
+        assert response.content_type == "application/json"
+        return response.status, json.loads(raw), response
+
+
+async def post_control(
+    http: aiohttp.ClientSession, server: OresHttpSimServer, body: object
+) -> tuple[int, Any]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, data, _ = await call(
+        http, "POST", url(server, "control"), raw, {"Content-Type": "application/json"}
+    )
+    return status, data
+
+
+def assert_error(data: Any, code: str, message_part: str = "") -> None:
+    """The documented error body: {"error": {"code", "message", "details"}}."""
+    assert set(data) == {"error"}
+    error = data["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert message_part in error["message"]
+    assert isinstance(error["details"], dict)
+
+
+# ----------------------------------------------------------------------------------------- endpoints
+
+
+async def test_address_and_sim_server_protocol(serve: Serve) -> None:
+    module = inverter()
+    server: SimServer = await serve(module)
+    address = server.address
+    assert address.scheme == "http"
+    assert address.host == "127.0.0.1"
+    assert address.port != 0
+    assert address.path == "/ores/v1"
+    assert Address.parse(str(address)) == address
+    assert server.module is module
+
+
+async def test_identity_shape(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(StaticModule(info=BATTERY))
+    status, data, _ = await call(http, "GET", url(server, "identity"))
+    assert status == 200
+    assert data == {
+        "protocol": "ores-http",
+        "protocol_version": "1.0",
+        "kind": "energystorage",
+        "vendor": "Acme Storage",
+        "model": "B-5",
+        "serial": "B5-0042",
+        "firmware_version": "2.1.0",
+        "capabilities": {
+            "rated_power_w": None,
+            "capacity_wh": 5000.0,
+            "max_charge_w": 2000.0,
+            "max_discharge_w": 2500.0,
+            "min_soc_pct": None,
+            "max_soc_pct": None,
+            "controllable": True,
+            "priority": None,
+            "critical": False,
+        },
+    }
+
+
+async def test_telemetry_field_names_are_the_model_s(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter(state=OperatingState.THROTTLED, power_limit_pct=80.0))
+    before = time.time()
+    status, data, _ = await call(http, "GET", url(server, "telemetry"))
+    after = time.time()
+    assert status == 200
+    assert set(data) == {f.name for f in dataclasses.fields(Telemetry)}
+    assert data["ts"].endswith("Z")
+    assert before - 0.001 <= parse_ts(data["ts"], "ts") <= after
+    assert data["state"] == "throttled"
+    assert data["power_w"] == 300.0
+    assert data["power_limit_pct"] == 80.0
+    assert data["soc_pct"] is None
+
+
+async def test_status_reports_setpoint_and_watchdog(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter())
+    status, data, _ = await call(http, "GET", url(server, "status"))
+    assert status == 200
+    assert data["state"] == "running"
+    assert data["uptime_s"] >= 0
+    assert data["faults"] == []
+    assert data["setpoint"] == {
+        "power_limit_pct": None,
+        "battery_power_w": None,
+        "on": None,
+        "revert_at": None,
+    }
+
+    before = time.time()
+    code, reply = await post_control(http, server, {"power_limit_pct": 40, "revert_after_s": 60})
+    after = time.time()
+    assert code == 200
+    assert reply["power_limit_pct"] == 40.0
+    assert before + 60 - 0.001 <= parse_ts(reply["revert_at"], "revert_at") <= after + 60
+    _, data, _ = await call(http, "GET", url(server, "status"))
+    assert data["setpoint"] == reply
+
+    # a control without revert_after_s cancels the watchdog
+    code, reply = await post_control(http, server, {"power_limit_pct": 45})
+    assert code == 200
+    assert reply == {"power_limit_pct": 45.0, "battery_power_w": None, "on": None, "revert_at": None}
+
+
+async def test_fault_state_and_fault_codes(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter(state=OperatingState.FAULT))
+    _, data, _ = await call(http, "GET", url(server, "status"))
+    assert data["state"] == "fault"
+    assert data["faults"] == [{"code": "fault", "message": "the module reports a fault"}]
+
+    class HotInverter(StaticModule):
+        def faults(self) -> Sequence[Fault]:
+            return [Fault("over_temperature", "heat sink above 85 °C")]
+
+    hot = HotInverter(info=INVERTER, sample=Telemetry(ts=0.0, state=OperatingState.THROTTLED))
+    assert isinstance(hot, ReportsFaults)
+    server = await serve(hot)
+    _, data, _ = await call(http, "GET", url(server, "status"))
+    assert data["state"] == "throttled"
+    assert data["faults"] == [{"code": "over_temperature", "message": "heat sink above 85 °C"}]
+
+
+async def test_control_reaches_the_module(serve: Serve, http: aiohttp.ClientSession) -> None:
+    module = StaticModule(info=BATTERY)
+    server = await serve(module)
+    code, reply = await post_control(
+        http, server, {"battery_power_w": -800, "revert_after_s": 30, "future": 1}
+    )
+    assert code == 200  # unknown fields are ignored
+    assert reply["battery_power_w"] == -800.0
+    assert module.received == [(Setpoint(battery_power_w=-800.0), 30.0)]
+    code, reply = await post_control(http, server, {"release": True, "battery_power_w": 5})
+    assert code == 200
+    assert reply == {"power_limit_pct": None, "battery_power_w": None, "on": None, "revert_at": None}
+    assert module.received[-1] == (Setpoint(release=True), None)
+
+
+# ----------------------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (b"{not json", 400, "bad_request", "body is not JSON"),
+        (b"[50]", 400, "bad_request", "expected an object, got array"),
+        (b"{}", 400, "bad_request", "no setpoint field"),
+        (b'{"revert_after_s": 10}', 400, "bad_request", "no setpoint field"),
+        (b'{"release": false}', 400, "bad_request", "no setpoint field"),
+        (b'{"power_limit_pct": "50"}', 400, "bad_request", "control.power_limit_pct: expected a number"),
+        (b'{"power_limit_pct": true}', 400, "bad_request", "expected a number, got boolean"),
+        (b'{"power_limit_pct": NaN}', 400, "bad_request", "NaN"),
+        (b'{"power_limit_pct": 1e999}', 400, "bad_request", "must be finite"),
+        (b'{"power_limit_pct": 50, "revert_after_s": "soon"}', 400, "bad_request", "revert_after_s"),
+        (b'{"release": true, "on": "x"}', 400, "bad_request", "control.on: expected a boolean"),
+        (b'{"power_limit_pct": 150}', 422, "out_of_range", "power_limit_pct: 150 is outside 0..100"),
+        (b'{"power_limit_pct": -1}', 422, "out_of_range", "outside 0..100"),
+        (b'{"power_limit_pct": 50, "revert_after_s": 0}', 422, "out_of_range", "revert_after_s"),
+        (b'{"power_limit_pct": 50, "revert_after_s": 1e6}', 422, "out_of_range", "revert_after_s"),
+        (b'{"on": true}', 422, "not_applicable", "on applies to smartplug modules only"),
+        (b'{"battery_power_w": 100}', 422, "not_applicable", "battery_power_w applies to energystorage"),
+    ],
+)
+async def test_bad_control_bodies(
+    case: tuple[bytes, int, str, str], serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    body, status, code, message_part = case
+    module = inverter()
+    server = await serve(module)
+    got_status, data = await post_control(http, server, body)
+    assert got_status == status
+    assert_error(data, code, message_part)
+    assert module.received == []
+
+
+async def test_error_details_name_the_field(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter())
+    _, data = await post_control(http, server, {"power_limit_pct": "x"})
+    assert data["error"]["details"] == {"field": "power_limit_pct"}
+    _, data = await post_control(http, server, {"on": True})
+    assert data["error"]["details"] == {"field": "on", "kind": "microinverter"}
+
+
+async def test_battery_limits_and_module_refusal_are_422(serve: Serve, http: aiohttp.ClientSession) -> None:
+    class ColdBattery(StaticModule):
+        def apply(self, setpoint: Setpoint, *, revert_after_s: float | None = None) -> None:
+            raise ValueError("battery is too cold to charge")
+
+    server = await serve(StaticModule(info=BATTERY))
+    status, data = await post_control(http, server, {"battery_power_w": 2600})
+    assert status == 422
+    assert_error(data, "out_of_range", "exceeds max_discharge_w 2500")
+    status, data = await post_control(http, server, {"battery_power_w": -2001})
+    assert status == 422
+    assert_error(data, "out_of_range", "exceeds max_charge_w 2000")
+
+    server = await serve(ColdBattery(info=BATTERY))
+    status, data = await post_control(http, server, {"battery_power_w": -100})
+    assert status == 422
+    assert_error(data, "out_of_range", "battery is too cold to charge")
+
+
+async def test_conflicts_are_409(serve: Serve, http: aiohttp.ClientSession) -> None:
+    faulty = inverter(state=OperatingState.FAULT)
+    server = await serve(faulty)
+    status, data = await post_control(http, server, {"power_limit_pct": 10})
+    assert status == 409
+    assert_error(data, "not_allowed_in_state", "fault")
+    status, _ = await post_control(http, server, {"release": True})
+    assert status == 200  # a release is always allowed
+
+    fixed = StaticModule(info=dataclasses.replace(INVERTER, capabilities=Capabilities(controllable=False)))
+    server = await serve(fixed)
+    status, data = await post_control(http, server, {"power_limit_pct": 10})
+    assert status == 409
+    assert_error(data, "not_controllable")
+    assert fixed.received == []
+
+
+async def test_oversized_body_is_413(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter())
+    body = b'{"power_limit_pct": 50, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    status, data = await post_control(http, server, body)
+    assert status == 413
+    assert_error(data, "body_too_large")
+
+
+async def test_unknown_path_and_wrong_method(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter())
+    status, data, _ = await call(http, "GET", url(server, "firmware"))
+    assert status == 404
+    assert_error(data, "not_found", "/ores/v1/firmware")
+    status, data, response = await call(http, "GET", url(server, "control"))
+    assert status == 405
+    assert_error(data, "method_not_allowed", "GET")
+    assert "POST" in response.headers["Allow"]
+    status, data, response = await call(http, "POST", url(server, "telemetry"), b"{}")
+    assert status == 405
+    assert "GET" in response.headers["Allow"]
+
+
+# ----------------------------------------------------------------------------------------- authentication
+
+
+async def test_bearer_is_required_except_for_identity(serve: Serve, http: aiohttp.ClientSession) -> None:
+    module = inverter()
+    server = await serve(module, credential="tok-123")
+    status, _, _ = await call(http, "GET", url(server, "identity"))
+    assert status == 200
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic tok-123"}):
+        for method, endpoint in (("GET", "status"), ("GET", "telemetry"), ("POST", "control")):
+            status, data, response = await call(http, method, url(server, endpoint), b'{"on": true}', headers)
+            assert status == 401
+            assert_error(data, "unauthorized")
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    good = {"Authorization": "Bearer tok-123"}
+    status, _, _ = await call(http, "GET", url(server, "telemetry"), None, good)
+    assert status == 200
+    status, _, _ = await call(http, "POST", url(server, "control"), b'{"power_limit_pct": 5}', good)
+    assert status == 200
+    assert module.received == [(Setpoint(power_limit_pct=5.0), None)]
+
+
+# ----------------------------------------------------------------------------------------- lifecycle
+
+
+async def test_stop_closes_everything(http: aiohttp.ClientSession) -> None:
+    server = await start_ores_http_server(inverter())
+    status, _, _ = await call(http, "GET", url(server, "telemetry"))  # leaves a keep-alive connection open
+    assert status == 200
+    await server.stop()
+    await server.stop()  # safe twice
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await call(http, "GET", url(server, "telemetry"))
+    assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+
+
+async def test_two_servers_get_distinct_ports(serve: Serve) -> None:
+    first = await serve(inverter())
+    second = await serve(StaticModule(info=BATTERY))
+    assert first.address.port != second.address.port
