@@ -179,7 +179,7 @@ class InvalidCode(AuthError):
     """The pairing code is wrong, expired or already used (deliberately not told apart)."""
 
     code = "invalid_pairing_code"
-    http_status = 400
+    http_status = 401
 
 
 class RateLimited(AuthError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hub.storage import atomic_write_bytes
 
@@ -63,6 +63,14 @@ class HubSettings(BaseModel):
     retention_raw_h: float = Field(48.0, ge=1, le=24 * 31, description="How long per-poll samples are kept, h")
     retention_1m_days: float = Field(35.0, ge=1, le=3650, description="How long 1-minute aggregates are kept")
     retention_15m_days: float = Field(1830.0, ge=1, le=36500, description="How long 15-minute aggregates are kept")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HubSettings:
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError("default_ttl_s must not exceed max_ttl_s")
+        if self.timeout_s > self.module_revert_s:
+            raise ValueError("timeout_s must not exceed module_revert_s")
+        return self
 
 
 class AppSettings(BaseModel):

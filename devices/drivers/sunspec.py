@@ -391,7 +391,7 @@ class SunSpecDriver:
 
     def _failure(self, operation: str, err: BaseException) -> BaseException:
         """Log why ``operation`` failed and return the exception to raise (chained to the cause)."""
-        if isinstance(err, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+        if not isinstance(err, Exception):  # cancelled (a caller's deadline), interrupted
             self._drop_connection()  # a request may still be in flight: never reuse that stream
             return err
         if isinstance(err, _ExceptionReply):

@@ -63,7 +63,8 @@ def device_error_to_api(err: DeviceError) -> ApiError:
     if isinstance(err, NotSupported):
         return ApiError(422, "not_supported", str(err))
     if isinstance(err, DeviceUnreachable):
-        return ApiError(504, "device_unreachable", f"the module did not answer: {err}")
+        # The hub is fine and so was the request; the module is not there right now: a state conflict.
+        return ApiError(409, "device_unreachable", f"the module did not answer: {err}")
     if isinstance(err, ProtocolError):
         return ApiError(502, "protocol_error", f"the module answered badly: {err}")
     return ApiError(502, "device_error", str(err))

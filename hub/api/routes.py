@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from devices.drivers.base import Address
-from devices.errors import DeviceError
+from devices.errors import DeviceError, DeviceUnreachable, NotSupported, ProtocolError
 from devices.model import DeviceKind, Setpoint
 from hub import __version__
 from hub.api import schemas as s
@@ -121,7 +121,7 @@ async def issue_commands(
     if not targets:
         raise ApiError(404, "not_found", "no controllable module matches", {"device_id": device_id})
     ttl = ttl_s if ttl_s is not None else hub.settings.hub.default_ttl_s
-    if ttl > hub.settings.hub.max_ttl_s:
+    if not setpoint.release and ttl > hub.settings.hub.max_ttl_s:
         raise ApiError(422, "ttl_too_long", f"ttl_s may be at most {hub.settings.hub.max_ttl_s:g} s")
     who = call.token.name if call.token is not None else None
     previous = {r.device_id: hub.arbiter.effective(r.device_id) for r in targets}
@@ -229,7 +229,7 @@ async def inverter_control_get(call: Call[s.DeviceQuery, None]) -> s.ControlStat
 
 @router.route("POST", "/microinverter/control", summary="Limit microinverter output", tag="microinverter",
               role=Role.HOMEOWNER, body=s.InverterControlIn, response=s.ControlResults,
-              errors=(404, 409, 502, 504))
+              errors=(404, 409, 422, 502))
 async def inverter_control(call: Call[s.Empty, s.InverterControlIn]) -> s.ControlResults:
     """Sets an active-power limit (API layer) for ``ttl_s`` seconds, then the module returns to its schedule
     or default (the watchdog).  Omit ``device_id`` to limit every microinverter."""
@@ -239,7 +239,7 @@ async def inverter_control(call: Call[s.Empty, s.InverterControlIn]) -> s.Contro
 
 @router.route("DELETE", "/microinverter/control", summary="End a direct microinverter command",
               tag="microinverter", role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults,
-              errors=(404, 409, 502, 504))
+              errors=(404, 409, 422, 502))
 async def inverter_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
     return await issue_commands(call, DeviceKind.MICROINVERTER, call.query.device_id, Setpoint(release=True), None)
 
@@ -267,7 +267,7 @@ async def storage_control_get(call: Call[s.DeviceQuery, None]) -> s.ControlState
 
 @router.route("POST", "/energystorage/control", summary="Charge, discharge, hold, or back to auto",
               tag="energystorage", role=Role.HOMEOWNER, body=s.StorageControlIn, response=s.ControlResults,
-              errors=(404, 409, 502, 504))
+              errors=(404, 409, 422, 502))
 async def storage_control(call: Call[s.Empty, s.StorageControlIn]) -> s.ControlResults:
     """``auto`` hands the battery back to its own self-consumption logic; ``charge``/``discharge`` need
     ``power_w``; ``idle`` holds it at 0 W.  The command lasts ``ttl_s`` seconds."""
@@ -291,7 +291,7 @@ async def storage_control(call: Call[s.Empty, s.StorageControlIn]) -> s.ControlR
 
 
 @router.route("DELETE", "/energystorage/control", summary="End a direct battery command", tag="energystorage",
-              role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults, errors=(404, 409, 502, 504))
+              role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults, errors=(404, 409, 422, 502))
 async def storage_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
     return await issue_commands(call, DeviceKind.ENERGYSTORAGE, call.query.device_id, Setpoint(release=True), None)
 
@@ -306,14 +306,14 @@ async def plug_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
 
 
 @router.route("POST", "/smartplug/control", summary="Switch smart plugs", tag="smartplug", role=Role.HOMEOWNER,
-              body=s.PlugControlIn, response=s.ControlResults, errors=(404, 409, 502, 504))
+              body=s.PlugControlIn, response=s.ControlResults, errors=(404, 409, 422, 502))
 async def plug_control(call: Call[s.Empty, s.PlugControlIn]) -> s.ControlResults:
     b = call.body
     return await issue_commands(call, DeviceKind.SMARTPLUG, b.device_id, Setpoint(on=b.on), b.ttl_s)
 
 
 @router.route("DELETE", "/smartplug/control", summary="End a direct plug command", tag="smartplug",
-              role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults, errors=(404, 409, 502, 504))
+              role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults, errors=(404, 409, 422, 502))
 async def plug_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
     return await issue_commands(call, DeviceKind.SMARTPLUG, call.query.device_id, Setpoint(release=True), None)
 
@@ -328,7 +328,7 @@ async def devices_list(call: Call[s.Empty, None]) -> s.DeviceList:
 
 
 @router.route("POST", "/device/register", summary="Register a module by address", tag="device",
-              role=Role.HOMEOWNER, body=s.RegisterIn, response=s.DeviceOut, status=201, errors=(409, 502, 504))
+              role=Role.HOMEOWNER, body=s.RegisterIn, response=s.DeviceOut, status=201, also=(200,), errors=(409,))
 async def device_register(call: Call[s.Empty, s.RegisterIn]) -> s.DeviceOut:
     """Probes the address (ORES-HTTP, then SunSpec Modbus TCP, unless ``protocol`` is given), reads the
     module's identity and registers it.  The same module at a new address keeps its id and history; a
@@ -340,12 +340,16 @@ async def device_register(call: Call[s.Empty, s.RegisterIn]) -> s.DeviceOut:
         raise ApiError(422, "invalid_address", str(err), [{"loc": ["address"], "msg": str(err)}]) from err
     try:
         record, created = await register_module(hub, address, protocol=call.body.protocol, name=call.body.name)
+    except (DeviceUnreachable, NotSupported, ProtocolError) as err:
+        # Nothing usable answers at the address the caller gave: a problem with the request, not the hub.
+        code = {DeviceUnreachable: "device_unreachable", NotSupported: "not_supported"}.get(type(err), "protocol_error")
+        raise ApiError(422, code, f"no supported module at {address}: {err}", [{"loc": ["address"], "msg": str(err)}]) from err
     except AddressInUse as err:
         raise ApiError(409, "address_in_use", str(err), {"registered": err.registered, "found": err.found}) from err
     except UnknownKind as err:
         raise ApiError(422, "not_supported", str(err)) from err
     except AddressNotAllowed as err:
-        raise ApiError(422, "address_not_allowed", str(err), [{"loc": ["address"], "msg": str(err)}]) from err
+        raise ApiError(403, "address_not_allowed", str(err), [{"loc": ["address"], "msg": str(err)}]) from err
     out = device_out(hub, record)
     return out if created else _status(out, 200)  # type: ignore[return-value]
 
@@ -560,7 +564,7 @@ async def communicate_get(call: Call[s.Empty, None]) -> s.LinkList:
 
 
 @router.route("POST", "/hub/communicate", summary="Poll a module now", tag="hub", role=Role.HOMEOWNER,
-              body=s.CommunicateIn, response=s.DeviceOut, errors=(404, 502, 504))
+              body=s.CommunicateIn, response=s.DeviceOut, errors=(404, 409, 422, 502))
 async def communicate_now(call: Call[s.Empty, s.CommunicateIn]) -> s.DeviceOut:
     """Reads a fresh sample from the module and returns its updated view (errors if it does not answer)."""
     hub = ctx(call)
@@ -593,7 +597,7 @@ async def app_monitor(call: Call[s.Empty, None]) -> s.MonitorOut:
 
 
 @router.route("POST", "/app/monitor", summary="Command any module", tag="app", role=Role.HOMEOWNER,
-              body=s.AnyControlIn, response=s.ControlResults, errors=(404, 409, 422, 502, 504))
+              body=s.AnyControlIn, response=s.ControlResults, errors=(404, 409, 422, 502))
 async def app_control(call: Call[s.Empty, s.AnyControlIn]) -> s.ControlResults:
     """One entry point for the app to command a module of any kind: set exactly one of
     ``power_limit_pct``, ``battery_power_w``, ``on``, or ``release``."""
@@ -724,7 +728,7 @@ async def tokens(call: Call[s.Empty, None]) -> s.TokenList:
 
 
 @router.route("DELETE", "/auth/tokens/{token_id}", summary="Revoke a client's token", tag="auth",
-              role=Role.HOMEOWNER, response=s.TokenList, errors=(404,))
+              role=Role.HOMEOWNER, response=s.TokenList, errors=(404, 409))
 async def revoke(call: Call[s.Empty, None]) -> s.TokenList:
     store = call.request.app[auth_store_key]
     token_id = call.path["token_id"]
@@ -734,6 +738,9 @@ async def revoke(call: Call[s.Empty, None]) -> s.TokenList:
     assert call.token is not None
     if not role_allows(call.token.role, target.role):
         raise ApiError(403, "forbidden", f"a {call.token.role} cannot revoke a {target.role} token")
+    installers = [t for t in store.list_tokens() if t.role is Role.INSTALLER]
+    if target.role is Role.INSTALLER and len(installers) == 1:
+        raise ApiError(409, "last_installer", "pair another installer before revoking the last installer token")
     await store.revoke(token_id)
     return s.TokenList(tokens=[token_out(t) for t in store.list_tokens()])
 

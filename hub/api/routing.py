@@ -63,6 +63,7 @@ class Operation:
     status: int
     stream: str | None  # content type of a streamed response, e.g. text/event-stream
     errors: tuple[int, ...] = field(default_factory=tuple)
+    also: tuple[int, ...] = field(default_factory=tuple)  # other success statuses with the same body
 
 
 _PATH_PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
@@ -98,6 +99,7 @@ class ApiRouter:
         status: int = 200,
         stream: str | None = None,
         errors: tuple[int, ...] = (),
+        also: tuple[int, ...] = (),
     ) -> Callable[[HandlerFn], HandlerFn]:
         def decorator(fn: HandlerFn) -> HandlerFn:
             self.operations.append(
@@ -115,6 +117,7 @@ class ApiRouter:
                     status=status,
                     stream=stream,
                     errors=errors,
+                    also=also,
                 )
             )
             return fn
@@ -139,7 +142,8 @@ class ApiRouter:
             body: BaseModel | None = None
             if op.body is not None:
                 try:
-                    body = op.body.model_validate(await _read_json(request))
+                    # Strict: JSON types must match the schema (no "1" for 1, no 0 for false).
+                    body = op.body.model_validate(await _read_json(request), strict=True)
                 except ValidationError as err:
                     raise ApiError(
                         422, "invalid_body", "the request body does not match the schema", _validation_details(err)
@@ -197,10 +201,11 @@ class ApiRouter:
                     "content": {op.stream: {"schema": {"type": "string"}}},
                 }
             elif op.response is not None:
-                responses[str(op.status)] = {
-                    "description": "success",
-                    "content": {"application/json": {"schema": refs[(op.response, "validation")]}},
-                }
+                for code in (op.status, *op.also):
+                    responses[str(code)] = {
+                        "description": "success",
+                        "content": {"application/json": {"schema": refs[(op.response, "validation")]}},
+                    }
             else:
                 responses[str(op.status)] = {"description": "success"}
             error_ref = {"content": {"application/json": {"schema": refs[(ErrorBody, "validation")]}}}

@@ -8,6 +8,7 @@ fields so a typo is an error, not a silently ignored setting.  Powers follow the
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,9 @@ from hub.history import AGGREGATE_FIELDS, AUTO_FIELDS, RAW_FIELDS
 
 DeviceId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
 Resolution = Literal["auto", "raw", "1m", "15m"]
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def iso(ts: float | None) -> datetime | None:
@@ -248,6 +252,13 @@ class RangeQuery(Strict):
     start: datetime | None = Field(None, description="ISO 8601; default: 24 h before end")
     end: datetime | None = Field(None, description="ISO 8601; default: now")
     resolution: Resolution = "auto"
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _iso_only(cls, value: object) -> object:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            raise ValueError("use an ISO 8601 date-time such as 2026-06-01T12:00:00Z")
+        return value
 
     @field_validator("start", "end")
     @classmethod

@@ -66,7 +66,7 @@ async def test_reads_need_a_token_and_writes_need_the_role(hub: Hub) -> None:
 async def test_pairing_is_rate_limited(hub: Hub) -> None:
     for _ in range(5):
         status, body = await hub.request("POST", "/auth/pair", token="", json_body={"code": "0000-0000", "name": "x"})
-        assert status == 400
+        assert status == 401
         assert_error(body, "invalid_pairing_code")
     status, body = await hub.request("POST", "/auth/pair", token="", json_body={"code": "0000-0000", "name": "x"})
     assert status == 429
@@ -92,6 +92,10 @@ async def test_tokens_are_listed_and_revocation_is_immediate(hub: Hub) -> None:
     assert status == 401
     status, body = await hub.request("DELETE", "/auth/tokens/nope")
     assert status == 404
+    installer_id = next(t["token_id"] for t in tokens["tokens"] if t["role"] == "installer")
+    status, body = await hub.request("DELETE", f"/auth/tokens/{installer_id}")
+    assert status == 409
+    assert_error(body, "last_installer")
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -126,7 +130,7 @@ async def test_bad_input_gets_the_error_format(hub: Hub) -> None:
     assert status == 422
     assert_error(body, "invalid_address")
     status, body = await register(hub, "http://203.0.113.7:80/ores/v1")
-    assert status == 422
+    assert status == 403
     assert_error(body, "address_not_allowed")
 
 
@@ -363,5 +367,5 @@ async def test_settings_round_trip_and_persist(hub: Hub) -> None:
 async def test_connection_errors_surface_cleanly(hub: Hub) -> None:
     # Nothing listens on this port: registration reports the module as unreachable, not a 500.
     status, body = await register(hub, "http://127.0.0.1:9/ores/v1")
-    assert status in (422, 504), body
-    assert body["error"]["code"] in ("device_unreachable", "not_supported")
+    assert status == 422, body
+    assert body["error"]["code"] == "device_unreachable"

@@ -137,6 +137,8 @@ class RawDevice:
     base: int = 40000
     overrides: dict[int, int] = field(default_factory=dict)
     short_reads: dict[int, int] = field(default_factory=dict)
+    #: While set and not yet fired, every request waits for it (a module that stops answering).
+    stall: asyncio.Event | None = None
 
 
 @dataclass
@@ -162,6 +164,8 @@ async def raw() -> AsyncIterator[StartRaw]:
         async def action(
             _fc: int, start: int, _address: int, _count: int, registers: list[int], _values: Any
         ) -> ExcCodes | None:
+            if device.stall is not None:
+                await device.stall.wait()
             for address, value in device.overrides.items():
                 registers[address - start] = value
             return None
@@ -628,3 +632,27 @@ async def test_server_going_away_and_coming_back(
 
     await raw(device, port=server.address.port)  # the same module back on the same port
     assert (await driver.read()).power_w == 500.0  # reconnected transparently, no new probe needed
+
+
+async def test_module_that_stops_answering(
+    raw: StartRaw, drivers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = RawDevice(sunspec_map(COMMON, model_regs(103, **INVERTER_103)))
+    server = await raw(device)
+    driver = drivers(server.address, timeout=0.3)
+    await driver.probe()
+
+    device.stall = stall = asyncio.Event()
+    with (
+        caplog.at_level(logging.DEBUG, logger=LOGGER),
+        pytest.raises(DeviceUnreachable, match="no answer within"),
+    ):
+        await driver.read()
+    assert "no answer within 0.3 s to a read of 39 registers at 40070" in caplog.text
+    # A caller's own deadline (the poller's wait_for) cancels the read: the stream is dropped as well.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(driver.read(), 0.05)
+
+    device.stall = None
+    stall.set()  # the stalled requests finish on the server (their connections are gone)
+    assert (await driver.read()).power_w == 500.0
