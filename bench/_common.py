@@ -185,12 +185,11 @@ async def register_all(
     errors: list[str] = []
 
     async def one(address: str) -> None:
-        async with gate:
-            async with session.post(
-                f"{url}/device/register", json={"address": address}, headers=auth(token)
-            ) as resp:
-                if resp.status not in (200, 201):
-                    errors.append(f"{address}: {resp.status} {await resp.text()}")
+        async with gate, session.post(
+            f"{url}/device/register", json={"address": address}, headers=auth(token)
+        ) as resp:
+            if resp.status not in (200, 201):
+                errors.append(f"{address}: {resp.status} {await resp.text()}")
 
     await asyncio.gather(*(one(a) for a in addresses))
     return errors

@@ -19,13 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     PROTOCOLS,
     CpuMeter,
     LoadResult,
@@ -134,7 +133,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> bool:
                 row(f"hub, open loop {args.rate:g}/s", hub_open, None, None),
                 row(f"bare, open loop {args.rate:g}/s", bare_open, None, None),
             ],
-        )  # fmt: skip
+        )
     )
     print(
         f"simulator CPU during the hub run {hub_cpu['simulator']:.0f} %; open-loop send lag p99 "

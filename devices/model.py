@@ -184,5 +184,8 @@ class Setpoint:
 
     def is_empty(self) -> bool:
         return (
-            not self.release and self.power_limit_pct is None and self.battery_power_w is None and self.on is None
+            not self.release
+            and self.power_limit_pct is None
+            and self.battery_power_w is None
+            and self.on is None
         )

@@ -38,7 +38,9 @@ def default_data_dir() -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ores-hub", description="ORES Hub: local control unit for home energy")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for LAN)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for LAN)"
+    )
     p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0 picks a free one)")
     p.add_argument("--data-dir", type=Path, default=None, help="where the hub keeps its state")
     p.add_argument("--demo", action="store_true", help="run with a simulated home on loopback")
@@ -79,7 +81,9 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
     port = _bound_port(site, args.port)
     hub = app[hub_key]
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
-    print(f"ORES Hub {__version__} listening on {url}  (API: {url}/openapi.json, dashboard: {url}/)", flush=True)
+    print(
+        f"ORES Hub {__version__} listening on {url}  (API: {url}/openapi.json, dashboard: {url}/)", flush=True
+    )
     print(f"Data directory: {data_dir.resolve()}", flush=True)
     _print_pairing(hub, url)
     if sims:
@@ -109,12 +113,15 @@ def _bound_port(site: web.TCPSite, fallback: int) -> int:
 def _print_pairing(hub: HubContext, url: str) -> None:
     code = hub.auth.pairing_code
     if code is None:
-        print("Paired clients exist; issue a new pairing code from the app (POST /auth/pairing-code).", flush=True)
+        print(
+            "Paired clients exist; issue a new pairing code from the app (POST /auth/pairing-code).",
+            flush=True,
+        )
         return
     print(f"Pairing code: {code}   (one use; it makes the installer token)", flush=True)
     print(
         f"Pair:  curl -s -X POST {url}/auth/pair -H 'Content-Type: application/json' "
-        f"-d '{{\"code\": \"{code}\", \"name\": \"my laptop\"}}'",
+        f'-d \'{{"code": "{code}", "name": "my laptop"}}\'',
         flush=True,
     )
 
@@ -129,7 +136,9 @@ async def _register_sims(hub: HubContext, sims: list[SimServer]) -> None:
         except (DeviceError, RegistrationError) as err:
             _LOGGER.error("could not register simulated module at %s: %s", sim.address, err)
             return
-        print(f"  registered {record.kind.value:<13} {record.device_id:<32} {record.protocol:<15} {record.address}")
+        print(
+            f"  registered {record.kind.value:<13} {record.device_id:<32} {record.protocol:<15} {record.address}"
+        )
 
     print(f"Registering {len(sims)} simulated modules:", flush=True)
     await asyncio.gather(*(one(sim) for sim in sims))

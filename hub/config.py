@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hub.storage import atomic_write_bytes
 
-
 #: Where modules may live: loopback, private and link-local ranges.  The hub never probes a public address,
 #: so the registration endpoint cannot be turned into a scanner of the internet (SSRF).
 DEFAULT_DEVICE_NETWORKS = (
@@ -53,16 +52,22 @@ class HubSettings(BaseModel):
     site_name: str = Field("My home", min_length=1, max_length=64)
     poll_interval_s: float = Field(1.0, ge=0.2, le=60, description="How often every module is read, s")
     timeout_s: float = Field(2.0, ge=0.2, le=30, description="Bound on every call to a module, s")
-    offline_after: int = Field(3, ge=1, le=100, description="Consecutive failed polls before a module is offline")
+    offline_after: int = Field(
+        3, ge=1, le=100, description="Consecutive failed polls before a module is offline"
+    )
     cyclic_write_s: float = Field(10.0, ge=1, le=3600, description="Rewrite period of active setpoints, s")
     default_ttl_s: float = Field(900.0, ge=1, le=86400, description="Time-to-live of a control command, s")
     max_ttl_s: float = Field(86400.0, ge=1, le=7 * 86400, description="Longest allowed time-to-live, s")
     module_revert_s: float = Field(
         60.0, ge=5, le=3600, description="Modules revert to their default if the hub is silent this long, s"
     )
-    retention_raw_h: float = Field(48.0, ge=1, le=24 * 31, description="How long per-poll samples are kept, h")
+    retention_raw_h: float = Field(
+        48.0, ge=1, le=24 * 31, description="How long per-poll samples are kept, h"
+    )
     retention_1m_days: float = Field(35.0, ge=1, le=3650, description="How long 1-minute aggregates are kept")
-    retention_15m_days: float = Field(1830.0, ge=1, le=36500, description="How long 15-minute aggregates are kept")
+    retention_15m_days: float = Field(
+        1830.0, ge=1, le=36500, description="How long 15-minute aggregates are kept"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> HubSettings:

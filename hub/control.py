@@ -16,6 +16,7 @@ rebooted comes back to the intended value.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class ControlArbiter:
 
     def set_schedule(self, device_id: str, slots: Iterable[ScheduleSlot]) -> None:
         ordered = tuple(sorted(slots, key=lambda s: s.start))
-        for a, b in zip(ordered, ordered[1:], strict=False):
+        for a, b in itertools.pairwise(ordered):
             if b.start < a.end:
                 raise ValueError("schedule slots overlap")
         if ordered:

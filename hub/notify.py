@@ -107,20 +107,34 @@ class Alerts:
             offline = not live.online and stats.consecutive_failures > 0 and stats.polls >= 1
             self.set(offline, "device_offline", "warning", dev, f"{dev} is not answering: {stats.last_error}")
             self.set(
-                live.identity_mismatch is not None, "identity_mismatch", "critical", dev, live.identity_mismatch or ""
+                live.identity_mismatch is not None,
+                "identity_mismatch",
+                "critical",
+                dev,
+                live.identity_mismatch or "",
             )
             tel = live.telemetry
             if tel is None or not live.online:
                 continue
-            self.set(tel.state is OperatingState.FAULT, "device_fault", "critical", dev, f"{dev} reports a fault")
+            self.set(
+                tel.state is OperatingState.FAULT, "device_fault", "critical", dev, f"{dev} reports a fault"
+            )
             hot = tel.temperature_c is not None and tel.temperature_c >= self.max_temperature_c
             self.set(hot, "over_temperature", "critical", dev, f"{dev} is at {tel.temperature_c} °C")
             if live.kind is DeviceKind.ENERGYSTORAGE:
                 low = tel.soc_pct is not None and tel.soc_pct <= self.low_soc_pct
-                self.set(low, "low_soc", "info", dev, f"battery {dev} is at {tel.soc_pct:.0f} %" if low else "")
+                self.set(
+                    low, "low_soc", "info", dev, f"battery {dev} is at {tel.soc_pct:.0f} %" if low else ""
+                )
             if live.kind is DeviceKind.METER and tel.grid_ok is False:
                 outage = True
-        self.set(outage, "grid_outage", "critical", None, "the grid is down: the home runs on its own (island mode)")
+        self.set(
+            outage,
+            "grid_outage",
+            "critical",
+            None,
+            "the grid is down: the home runs on its own (island mode)",
+        )
 
 
 def alert_dict(alert: Alert) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any
 
 from devices.drivers.base import Address, Driver, driver_for_protocol
 from devices.errors import DeviceError, DeviceUnreachable, NotSupported, ProtocolError
@@ -179,15 +180,20 @@ class DeviceLink:
         if stats.consecutive_failures == 1:
             _LOGGER.info("%s: poll failed (%s); retrying", self.device_id, reason)
         if stats.consecutive_failures >= self.config.offline_after and self.live.online:
-            _LOGGER.warning("%s is offline after %s failures: %s", self.device_id, stats.consecutive_failures, reason)
+            _LOGGER.warning(
+                "%s is offline after %s failures: %s", self.device_id, stats.consecutive_failures, reason
+            )
             self._state.set_online(self.device_id, False, reason)
             if self.live.telemetry is not None:
                 self.live.telemetry = self.live.telemetry.with_state(OperatingState.OFFLINE)
-        elif stats.consecutive_failures >= self.config.offline_after and stats.consecutive_failures == self.config.offline_after:
+        elif (
+            stats.consecutive_failures >= self.config.offline_after
+            and stats.consecutive_failures == self.config.offline_after
+        ):
             # Never came online: still make the state explicit once.
             self._state.bus.publish("device.offline", device_id=self.device_id, reason=reason)
         backoff = self.config.poll_interval_s * 2 ** min(stats.consecutive_failures - 1, 16)
-        return min(self.config.max_backoff_s, backoff) * random.uniform(0.8, 1.2)
+        return float(min(self.config.max_backoff_s, backoff) * random.uniform(0.8, 1.2))
 
     def _succeeded(self, sample: Telemetry, latency_ms: float) -> None:
         now = time.time()
@@ -227,7 +233,9 @@ class DeviceLink:
                 self._driver = await self._connect()
             revert = None if cmd.source is ControlSource.DEFAULT else self.config.module_revert_s
             try:
-                await asyncio.wait_for(self._driver.apply(cmd.setpoint, revert_after_s=revert), self.config.timeout_s)
+                await asyncio.wait_for(
+                    self._driver.apply(cmd.setpoint, revert_after_s=revert), self.config.timeout_s
+                )
             except TimeoutError as err:
                 raise DeviceError(f"writing to {self.device_id} timed out") from err
             except DeviceError as err:
@@ -236,7 +244,10 @@ class DeviceLink:
             self._written = cmd
             self._written_at = time.monotonic()
             self._state.bus.publish(
-                "control.applied", device_id=self.device_id, source=cmd.source.value, setpoint=_setpoint_dict(cmd.setpoint)
+                "control.applied",
+                device_id=self.device_id,
+                source=cmd.source.value,
+                setpoint=_setpoint_dict(cmd.setpoint),
             )
             return cmd
 
@@ -254,7 +265,9 @@ class DeviceLink:
 
 
 def _setpoint_dict(sp: Setpoint) -> dict[str, object]:
-    return {k: getattr(sp, k) for k in ("power_limit_pct", "battery_power_w", "on", "release") if getattr(sp, k)}
+    return {
+        k: getattr(sp, k) for k in ("power_limit_pct", "battery_power_w", "on", "release") if getattr(sp, k)
+    }
 
 
 class LinkManager:
@@ -282,7 +295,11 @@ class LinkManager:
 
     def add(self, record: DeviceRecord) -> DeviceLink:
         old = self.links.get(record.device_id)
-        if old is not None and old.record.address == record.address and old.record.protocol == record.protocol:
+        if (
+            old is not None
+            and old.record.address == record.address
+            and old.record.protocol == record.protocol
+        ):
             old.record = record
             return old
         if old is not None:
@@ -311,13 +328,15 @@ class LinkManager:
         self._spawn(self._update_identity(record.device_id, info))
 
     async def _update_identity(self, device_id: str, info: DeviceInfo) -> None:
-        updated = await self._registry.update(device_id, identity=info.identity, capabilities=info.capabilities)
+        updated = await self._registry.update(
+            device_id, identity=info.identity, capabilities=info.capabilities
+        )
         link = self.links.get(device_id)
         if link is not None and updated is not None:
             link.record = updated
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 

@@ -105,7 +105,9 @@ class LinkStats:
         self.consecutive_failures = 0
         self.last_ok = now
         self.last_latency_ms = latency_ms
-        self.avg_latency_ms = latency_ms if self.avg_latency_ms is None else 0.9 * self.avg_latency_ms + 0.1 * latency_ms
+        self.avg_latency_ms = (
+            latency_ms if self.avg_latency_ms is None else 0.9 * self.avg_latency_ms + 0.1 * latency_ms
+        )
 
     def failed(self, reason: str, now: float) -> None:
         self.polls += 1

@@ -8,6 +8,7 @@ at any moment the file holds either the old or the new document, and a write tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -29,10 +30,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

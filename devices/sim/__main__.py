@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 
+from devices.sim.base import SimulatedModule
 from devices.sim.home import serve_modules
 from devices.sim.physics import build_demo_home
 
 
 async def _main(n: int, speedup: float) -> None:
-    modules = []
+    modules: list[SimulatedModule] = []
     seed = 1
     while len(modules) < n:
         home = build_demo_home(speedup=speedup, seed=seed)
@@ -27,13 +29,15 @@ async def _main(n: int, speedup: float) -> None:
     servers = await serve_modules(modules)
     for server in servers:
         info = server.module.info
-        print(json.dumps({"address": str(server.address), "kind": info.kind.value, "device_id": info.device_id}))
+        print(
+            json.dumps({"address": str(server.address), "kind": info.kind.value, "device_id": info.device_id})
+        )
     print("READY", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 4096) else None)
     try:
         await stop.wait()
     finally:

@@ -55,6 +55,8 @@ async def serve_modules(modules: Sequence[SimulatedModule], host: str = "127.0.0
     return servers
 
 
-async def serve_demo_home(*, speedup: float = 60.0, seed: int = 1, host: str = "127.0.0.1") -> list[SimServer]:
+async def serve_demo_home(
+    *, speedup: float = 60.0, seed: int = 1, host: str = "127.0.0.1"
+) -> list[SimServer]:
     home = build_demo_home(speedup=speedup, seed=seed)
     return await serve_modules(home.modules, host)

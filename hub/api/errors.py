@@ -99,7 +99,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         details: dict[str, Any] | None = None
         if isinstance(err, web.HTTPMethodNotAllowed):
             details = {"allowed": sorted(err.allowed_methods)}
-            return error_response(err.status, code, err.reason, details, {"Allow": ",".join(sorted(err.allowed_methods))})
+            return error_response(
+                err.status, code, err.reason, details, {"Allow": ",".join(sorted(err.allowed_methods))}
+            )
         return error_response(err.status, code, err.reason, details)
     except Exception:
         _LOGGER.exception("unhandled error in %s %s", request.method, request.path)

@@ -22,8 +22,9 @@ from devices.model import DeviceKind, Setpoint
 from hub import __version__
 from hub.api import schemas as s
 from hub.api.errors import ApiError, device_error_to_api, not_found
-from hub.api.routing import ApiRouter, Call
+from hub.api.routing import ApiRouter, Call, Empty
 from hub.auth import Role, Unauthenticated, auth_store_key, bearer_token, role_allows
+from hub.config import AppSettings
 from hub.context import HubContext, hub_key
 from hub.control import Command, ControlSource
 from hub.history import Retention, pick_resolution
@@ -38,7 +39,7 @@ router = ApiRouter(
     description=(
         "Local REST API of the ORES Central Control Unit. Sign convention: power_w > 0 means a module "
         "delivers power into the home (PV production, battery discharge, grid import); load = pv + battery + "
-        "grid. Errors are {\"error\": {\"code\", \"message\", \"details\"}}."
+        'grid. Errors are {"error": {"code", "message", "details"}}.'
     ),
 )
 
@@ -62,7 +63,10 @@ def _control(cmd: Command, written: bool) -> s.ControlOut:
     return s.ControlOut(
         source=cmd.source.value,  # type: ignore[arg-type]
         setpoint=s.SetpointOut(
-            power_limit_pct=sp.power_limit_pct, battery_power_w=sp.battery_power_w, on=sp.on, release=sp.release
+            power_limit_pct=sp.power_limit_pct,
+            battery_power_w=sp.battery_power_w,
+            on=sp.on,
+            release=sp.release,
         ),
         issued_at=s.iso(cmd.issued_at) if cmd.source is not ControlSource.DEFAULT else None,
         expires_at=s.iso(cmd.expires_at),
@@ -112,7 +116,11 @@ def kind_status(hub: HubContext, kind: DeviceKind, device_id: str | None) -> s.K
 
 
 async def issue_commands(
-    call: Call[Any, Any], kind: DeviceKind | None, device_id: str | None, setpoint: Setpoint, ttl_s: float | None
+    call: Call[Any, Any],
+    kind: DeviceKind | None,
+    device_id: str | None,
+    setpoint: Setpoint,
+    ttl_s: float | None,
 ) -> s.ControlResults:
     """Put a direct command into the arbiter for each target and write it now; unreachable modules keep the
     command pending (it is written as soon as they answer)."""
@@ -136,7 +144,9 @@ async def issue_commands(
         cmd = hub.arbiter.effective(rec.device_id)
         status = "released" if setpoint.release else "applied"
         if link is None:
-            return s.ControlResult(device_id=rec.device_id, status="pending", error="no link", control=_control(cmd, False))
+            return s.ControlResult(
+                device_id=rec.device_id, status="pending", error="no link", control=_control(cmd, False)
+            )
         try:
             await link.write(cmd)
         except DeviceError as err:
@@ -161,7 +171,9 @@ async def issue_commands(
 def controls_of(call: Call[s.DeviceQuery, Any], kind: DeviceKind) -> s.ControlStates:
     hub = ctx(call)
     return s.ControlStates(
-        controls={r.device_id: control_out(hub, r.device_id) for r in records_of(hub, kind, call.query.device_id)}
+        controls={
+            r.device_id: control_out(hub, r.device_id) for r in records_of(hub, kind, call.query.device_id)
+        }
     )
 
 
@@ -209,71 +221,142 @@ def _resolution_used(resolution: str, start: float, end: float) -> str:
 # ----------------------------------------------------------------------------------------------- microinverter
 
 
-@router.route("GET", "/microinverter/status", summary="Microinverters: identity and status", tag="microinverter",
-              query=s.DeviceQuery, response=s.KindStatus, errors=(404,))
+@router.route(
+    "GET",
+    "/microinverter/status",
+    summary="Microinverters: identity and status",
+    tag="microinverter",
+    query=s.DeviceQuery,
+    response=s.KindStatus,
+    errors=(404,),
+)
 async def inverter_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
     return kind_status(ctx(call), DeviceKind.MICROINVERTER, call.query.device_id)
 
 
-@router.route("GET", "/microinverter/energy", summary="Microinverters: production now and over time",
-              tag="microinverter", query=s.RangeQuery, response=s.EnergyOut, errors=(404,))
+@router.route(
+    "GET",
+    "/microinverter/energy",
+    summary="Microinverters: production now and over time",
+    tag="microinverter",
+    query=s.RangeQuery,
+    response=s.EnergyOut,
+    errors=(404,),
+)
 async def inverter_energy(call: Call[s.RangeQuery, None]) -> s.EnergyOut:
     return await series(call, DeviceKind.MICROINVERTER, ["power_w", "energy_out_wh"])
 
 
-@router.route("GET", "/microinverter/control", summary="Microinverters: command in force", tag="microinverter",
-              query=s.DeviceQuery, response=s.ControlStates, errors=(404,))
+@router.route(
+    "GET",
+    "/microinverter/control",
+    summary="Microinverters: command in force",
+    tag="microinverter",
+    query=s.DeviceQuery,
+    response=s.ControlStates,
+    errors=(404,),
+)
 async def inverter_control_get(call: Call[s.DeviceQuery, None]) -> s.ControlStates:
     return controls_of(call, DeviceKind.MICROINVERTER)
 
 
-@router.route("POST", "/microinverter/control", summary="Limit microinverter output", tag="microinverter",
-              role=Role.HOMEOWNER, body=s.InverterControlIn, response=s.ControlResults,
-              errors=(404, 409, 422, 502))
-async def inverter_control(call: Call[s.Empty, s.InverterControlIn]) -> s.ControlResults:
+@router.route(
+    "POST",
+    "/microinverter/control",
+    summary="Limit microinverter output",
+    tag="microinverter",
+    role=Role.HOMEOWNER,
+    body=s.InverterControlIn,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
+async def inverter_control(call: Call[Empty, s.InverterControlIn]) -> s.ControlResults:
     """Sets an active-power limit (API layer) for ``ttl_s`` seconds, then the module returns to its schedule
     or default (the watchdog).  Omit ``device_id`` to limit every microinverter."""
     b = call.body
-    return await issue_commands(call, DeviceKind.MICROINVERTER, b.device_id, Setpoint(power_limit_pct=b.power_limit_pct), b.ttl_s)
+    return await issue_commands(
+        call, DeviceKind.MICROINVERTER, b.device_id, Setpoint(power_limit_pct=b.power_limit_pct), b.ttl_s
+    )
 
 
-@router.route("DELETE", "/microinverter/control", summary="End a direct microinverter command",
-              tag="microinverter", role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults,
-              errors=(404, 409, 422, 502))
+@router.route(
+    "DELETE",
+    "/microinverter/control",
+    summary="End a direct microinverter command",
+    tag="microinverter",
+    role=Role.HOMEOWNER,
+    query=s.DeviceQuery,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
 async def inverter_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
-    return await issue_commands(call, DeviceKind.MICROINVERTER, call.query.device_id, Setpoint(release=True), None)
+    return await issue_commands(
+        call, DeviceKind.MICROINVERTER, call.query.device_id, Setpoint(release=True), None
+    )
 
 
 # ----------------------------------------------------------------------------------------------- energystorage
 
 
-@router.route("GET", "/energystorage/status", summary="Batteries: SoC, SoH, temperature and state",
-              tag="energystorage", query=s.DeviceQuery, response=s.KindStatus, errors=(404,))
+@router.route(
+    "GET",
+    "/energystorage/status",
+    summary="Batteries: SoC, SoH, temperature and state",
+    tag="energystorage",
+    query=s.DeviceQuery,
+    response=s.KindStatus,
+    errors=(404,),
+)
 async def storage_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
     return kind_status(ctx(call), DeviceKind.ENERGYSTORAGE, call.query.device_id)
 
 
-@router.route("GET", "/energystorage/storage", summary="Batteries: SoC and power over time, energy in/out",
-              tag="energystorage", query=s.RangeQuery, response=s.EnergyOut, errors=(404,))
+@router.route(
+    "GET",
+    "/energystorage/storage",
+    summary="Batteries: SoC and power over time, energy in/out",
+    tag="energystorage",
+    query=s.RangeQuery,
+    response=s.EnergyOut,
+    errors=(404,),
+)
 async def storage_history(call: Call[s.RangeQuery, None]) -> s.EnergyOut:
-    return await series(call, DeviceKind.ENERGYSTORAGE, ["power_w", "soc_pct", "energy_out_wh", "energy_in_wh"])
+    return await series(
+        call, DeviceKind.ENERGYSTORAGE, ["power_w", "soc_pct", "energy_out_wh", "energy_in_wh"]
+    )
 
 
-@router.route("GET", "/energystorage/control", summary="Batteries: command in force", tag="energystorage",
-              query=s.DeviceQuery, response=s.ControlStates, errors=(404,))
+@router.route(
+    "GET",
+    "/energystorage/control",
+    summary="Batteries: command in force",
+    tag="energystorage",
+    query=s.DeviceQuery,
+    response=s.ControlStates,
+    errors=(404,),
+)
 async def storage_control_get(call: Call[s.DeviceQuery, None]) -> s.ControlStates:
     return controls_of(call, DeviceKind.ENERGYSTORAGE)
 
 
-@router.route("POST", "/energystorage/control", summary="Charge, discharge, hold, or back to auto",
-              tag="energystorage", role=Role.HOMEOWNER, body=s.StorageControlIn, response=s.ControlResults,
-              errors=(404, 409, 422, 502))
-async def storage_control(call: Call[s.Empty, s.StorageControlIn]) -> s.ControlResults:
+@router.route(
+    "POST",
+    "/energystorage/control",
+    summary="Charge, discharge, hold, or back to auto",
+    tag="energystorage",
+    role=Role.HOMEOWNER,
+    body=s.StorageControlIn,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
+async def storage_control(call: Call[Empty, s.StorageControlIn]) -> s.ControlResults:
     """``auto`` hands the battery back to its own self-consumption logic; ``charge``/``discharge`` need
     ``power_w``; ``idle`` holds it at 0 W.  The command lasts ``ttl_s`` seconds."""
     b = call.body
     if b.mode in ("charge", "discharge") and b.power_w is None:
-        raise ApiError(422, "invalid_body", f"mode {b.mode} needs power_w", [{"loc": ["power_w"], "msg": "required"}])
+        raise ApiError(
+            422, "invalid_body", f"mode {b.mode} needs power_w", [{"loc": ["power_w"], "msg": "required"}]
+        )
     if b.mode == "auto":
         setpoint = Setpoint(release=True)
     elif b.mode == "idle":
@@ -283,53 +366,104 @@ async def storage_control(call: Call[s.Empty, s.StorageControlIn]) -> s.ControlR
         setpoint = Setpoint(battery_power_w=b.power_w if b.mode == "discharge" else -b.power_w)
     if b.power_w is not None and b.mode in ("charge", "discharge"):
         for rec in records_of(ctx(call), DeviceKind.ENERGYSTORAGE, b.device_id):
-            limit = rec.capabilities.max_discharge_w if b.mode == "discharge" else rec.capabilities.max_charge_w
+            limit = (
+                rec.capabilities.max_discharge_w if b.mode == "discharge" else rec.capabilities.max_charge_w
+            )
             if limit is not None and b.power_w > limit:
-                raise ApiError(422, "out_of_range", f"{rec.device_id} can {b.mode} at most {limit:g} W",
-                               {"device_id": rec.device_id, "limit_w": limit})
+                raise ApiError(
+                    422,
+                    "out_of_range",
+                    f"{rec.device_id} can {b.mode} at most {limit:g} W",
+                    {"device_id": rec.device_id, "limit_w": limit},
+                )
     return await issue_commands(call, DeviceKind.ENERGYSTORAGE, b.device_id, setpoint, b.ttl_s)
 
 
-@router.route("DELETE", "/energystorage/control", summary="End a direct battery command", tag="energystorage",
-              role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults, errors=(404, 409, 422, 502))
+@router.route(
+    "DELETE",
+    "/energystorage/control",
+    summary="End a direct battery command",
+    tag="energystorage",
+    role=Role.HOMEOWNER,
+    query=s.DeviceQuery,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
 async def storage_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
-    return await issue_commands(call, DeviceKind.ENERGYSTORAGE, call.query.device_id, Setpoint(release=True), None)
+    return await issue_commands(
+        call, DeviceKind.ENERGYSTORAGE, call.query.device_id, Setpoint(release=True), None
+    )
 
 
 # ----------------------------------------------------------------------------------------------- smart plugs
 
 
-@router.route("GET", "/smartplug/status", summary="Smart plugs: relay, load, priority", tag="smartplug",
-              query=s.DeviceQuery, response=s.KindStatus, errors=(404,))
+@router.route(
+    "GET",
+    "/smartplug/status",
+    summary="Smart plugs: relay, load, priority",
+    tag="smartplug",
+    query=s.DeviceQuery,
+    response=s.KindStatus,
+    errors=(404,),
+)
 async def plug_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
     return kind_status(ctx(call), DeviceKind.SMARTPLUG, call.query.device_id)
 
 
-@router.route("POST", "/smartplug/control", summary="Switch smart plugs", tag="smartplug", role=Role.HOMEOWNER,
-              body=s.PlugControlIn, response=s.ControlResults, errors=(404, 409, 422, 502))
-async def plug_control(call: Call[s.Empty, s.PlugControlIn]) -> s.ControlResults:
+@router.route(
+    "POST",
+    "/smartplug/control",
+    summary="Switch smart plugs",
+    tag="smartplug",
+    role=Role.HOMEOWNER,
+    body=s.PlugControlIn,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
+async def plug_control(call: Call[Empty, s.PlugControlIn]) -> s.ControlResults:
     b = call.body
     return await issue_commands(call, DeviceKind.SMARTPLUG, b.device_id, Setpoint(on=b.on), b.ttl_s)
 
 
-@router.route("DELETE", "/smartplug/control", summary="End a direct plug command", tag="smartplug",
-              role=Role.HOMEOWNER, query=s.DeviceQuery, response=s.ControlResults, errors=(404, 409, 422, 502))
+@router.route(
+    "DELETE",
+    "/smartplug/control",
+    summary="End a direct plug command",
+    tag="smartplug",
+    role=Role.HOMEOWNER,
+    query=s.DeviceQuery,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
 async def plug_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
-    return await issue_commands(call, DeviceKind.SMARTPLUG, call.query.device_id, Setpoint(release=True), None)
+    return await issue_commands(
+        call, DeviceKind.SMARTPLUG, call.query.device_id, Setpoint(release=True), None
+    )
 
 
 # ----------------------------------------------------------------------------------------------- device
 
 
 @router.route("GET", "/device/register", summary="Registered modules", tag="device", response=s.DeviceList)
-async def devices_list(call: Call[s.Empty, None]) -> s.DeviceList:
+async def devices_list(call: Call[Empty, None]) -> s.DeviceList:
     hub = ctx(call)
     return s.DeviceList(devices=[device_out(hub, r) for r in hub.registry.all()])
 
 
-@router.route("POST", "/device/register", summary="Register a module by address", tag="device",
-              role=Role.HOMEOWNER, body=s.RegisterIn, response=s.DeviceOut, status=201, also=(200,), errors=(409,))
-async def device_register(call: Call[s.Empty, s.RegisterIn]) -> s.DeviceOut:
+@router.route(
+    "POST",
+    "/device/register",
+    summary="Register a module by address",
+    tag="device",
+    role=Role.HOMEOWNER,
+    body=s.RegisterIn,
+    response=s.DeviceOut,
+    status=201,
+    also=(200,),
+    errors=(409,),
+)
+async def device_register(call: Call[Empty, s.RegisterIn]) -> s.DeviceOut:
     """Probes the address (ORES-HTTP, then SunSpec Modbus TCP, unless ``protocol`` is given), reads the
     module's identity and registers it.  The same module at a new address keeps its id and history; a
     different module at an address already registered is refused with 409."""
@@ -339,13 +473,21 @@ async def device_register(call: Call[s.Empty, s.RegisterIn]) -> s.DeviceOut:
     except ValueError as err:
         raise ApiError(422, "invalid_address", str(err), [{"loc": ["address"], "msg": str(err)}]) from err
     try:
-        record, created = await register_module(hub, address, protocol=call.body.protocol, name=call.body.name)
+        record, created = await register_module(
+            hub, address, protocol=call.body.protocol, name=call.body.name
+        )
     except (DeviceUnreachable, NotSupported, ProtocolError) as err:
         # Nothing usable answers at the address the caller gave: a problem with the request, not the hub.
-        code = {DeviceUnreachable: "device_unreachable", NotSupported: "not_supported"}.get(type(err), "protocol_error")
-        raise ApiError(422, code, f"no supported module at {address}: {err}", [{"loc": ["address"], "msg": str(err)}]) from err
+        code = {DeviceUnreachable: "device_unreachable", NotSupported: "not_supported"}.get(
+            type(err), "protocol_error"
+        )
+        raise ApiError(
+            422, code, f"no supported module at {address}: {err}", [{"loc": ["address"], "msg": str(err)}]
+        ) from err
     except AddressInUse as err:
-        raise ApiError(409, "address_in_use", str(err), {"registered": err.registered, "found": err.found}) from err
+        raise ApiError(
+            409, "address_in_use", str(err), {"registered": err.registered, "found": err.found}
+        ) from err
     except UnknownKind as err:
         raise ApiError(422, "not_supported", str(err)) from err
     except AddressNotAllowed as err:
@@ -358,9 +500,17 @@ def _status(model: s.DeviceOut, status: int) -> web.Response:
     return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
 
 
-@router.route("PATCH", "/device/register/{device_id}", summary="Rename a module or change plug priority",
-              tag="device", role=Role.HOMEOWNER, body=s.DevicePatch, response=s.DeviceOut, errors=(404,))
-async def device_patch(call: Call[s.Empty, s.DevicePatch]) -> s.DeviceOut:
+@router.route(
+    "PATCH",
+    "/device/register/{device_id}",
+    summary="Rename a module or change plug priority",
+    tag="device",
+    role=Role.HOMEOWNER,
+    body=s.DevicePatch,
+    response=s.DeviceOut,
+    errors=(404,),
+)
+async def device_patch(call: Call[Empty, s.DevicePatch]) -> s.DeviceOut:
     hub = ctx(call)
     device_id = call.path["device_id"]
     rec = hub.registry.get(device_id)
@@ -391,9 +541,16 @@ async def device_patch(call: Call[s.Empty, s.DevicePatch]) -> s.DeviceOut:
     return device_out(hub, updated)
 
 
-@router.route("DELETE", "/device/register/{device_id}", summary="Remove a module", tag="device",
-              role=Role.HOMEOWNER, response=s.Removed, errors=(404,))
-async def device_remove(call: Call[s.Empty, None]) -> s.Removed:
+@router.route(
+    "DELETE",
+    "/device/register/{device_id}",
+    summary="Remove a module",
+    tag="device",
+    role=Role.HOMEOWNER,
+    response=s.Removed,
+    errors=(404,),
+)
+async def device_remove(call: Call[Empty, None]) -> s.Removed:
     """Stops polling the module and forgets it; its history stays until retention removes it."""
     hub = ctx(call)
     device_id = call.path["device_id"]
@@ -406,8 +563,15 @@ async def device_remove(call: Call[s.Empty, None]) -> s.Removed:
     return s.Removed(device_id=device_id, removed=True)
 
 
-@router.route("GET", "/device/data/logging", summary="Logged data of one module", tag="device",
-              query=s.LoggingQuery, response=s.LoggingOut, errors=(404,))
+@router.route(
+    "GET",
+    "/device/data/logging",
+    summary="Logged data of one module",
+    tag="device",
+    query=s.LoggingQuery,
+    response=s.LoggingOut,
+    errors=(404,),
+)
 async def data_logging(call: Call[s.LoggingQuery, None]) -> s.LoggingOut:
     """Raw samples (poll rate) or 1-minute / 15-minute aggregates; ``auto`` picks by span
     (≤ 2 h raw, ≤ 3 days 1 m, else 15 m)."""
@@ -423,8 +587,12 @@ async def data_logging(call: Call[s.LoggingQuery, None]) -> s.LoggingOut:
         raise ApiError(400, "invalid_query", str(err)) from err
     used = _resolution_used(q.resolution, start, end)
     return s.LoggingOut(
-        device_id=q.device_id, start=s.iso(start), end=s.iso(end),  # type: ignore[arg-type]
-        resolution=used, fields=fields or sorted({k for p in points[:1] for k in p} - {"ts"}), points=points,
+        device_id=q.device_id,
+        start=s.iso(start),
+        end=s.iso(end),  # type: ignore[arg-type]
+        resolution=used,
+        fields=fields or sorted({k for p in points[:1] for k in p} - {"ts"}),
+        points=points,
     )
 
 
@@ -449,16 +617,31 @@ def link_out(hub: HubContext, rec: DeviceRecord) -> s.LinkOut:
     )
 
 
-@router.route("GET", "/device/diagnostics/remote", summary="Link health of each module", tag="device",
-              query=s.DeviceQuery, response=s.LinkList, errors=(404,))
+@router.route(
+    "GET",
+    "/device/diagnostics/remote",
+    summary="Link health of each module",
+    tag="device",
+    query=s.DeviceQuery,
+    response=s.LinkList,
+    errors=(404,),
+)
 async def diagnostics(call: Call[s.DeviceQuery, None]) -> s.LinkList:
     hub = ctx(call)
     return s.LinkList(links=[link_out(hub, r) for r in records_of(hub, None, call.query.device_id)])
 
 
-@router.route("POST", "/device/diagnostics/remote", summary="Run a diagnostic on a module", tag="device",
-              role=Role.HOMEOWNER, body=s.DiagnosticIn, response=s.DiagnosticOut, errors=(404,))
-async def diagnostics_run(call: Call[s.Empty, s.DiagnosticIn]) -> s.DiagnosticOut:
+@router.route(
+    "POST",
+    "/device/diagnostics/remote",
+    summary="Run a diagnostic on a module",
+    tag="device",
+    role=Role.HOMEOWNER,
+    body=s.DiagnosticIn,
+    response=s.DiagnosticOut,
+    errors=(404,),
+)
+async def diagnostics_run(call: Call[Empty, s.DiagnosticIn]) -> s.DiagnosticOut:
     """``probe`` identifies the module again over a fresh connection; ``read`` takes one sample now;
     ``reconnect`` drops the link's connection so the next poll opens a new one.  Failures are reported in
     the result (``ok: false``), not as HTTP errors: a failing module is what diagnostics are for."""
@@ -472,32 +655,64 @@ async def diagnostics_run(call: Call[s.Empty, s.DiagnosticIn]) -> s.DiagnosticOu
     try:
         if b.action == "probe":
             info = await link.probe()
-            return s.DiagnosticOut(device_id=rec.device_id, action=b.action, ok=True,
-                                   latency_ms=(time.monotonic() - t0) * 1000, error=None,
-                                   identity=s.IdentityOut.of(info.identity))
+            return s.DiagnosticOut(
+                device_id=rec.device_id,
+                action=b.action,
+                ok=True,
+                latency_ms=(time.monotonic() - t0) * 1000,
+                error=None,
+                identity=s.IdentityOut.of(info.identity),
+            )
         if b.action == "read":
             tel = await link.read_now()
-            return s.DiagnosticOut(device_id=rec.device_id, action=b.action, ok=True,
-                                   latency_ms=(time.monotonic() - t0) * 1000, error=None,
-                                   telemetry=s.TelemetryOut.of(tel))
+            return s.DiagnosticOut(
+                device_id=rec.device_id,
+                action=b.action,
+                ok=True,
+                latency_ms=(time.monotonic() - t0) * 1000,
+                error=None,
+                telemetry=s.TelemetryOut.of(tel),
+            )
         await link.reconnect()
-        return s.DiagnosticOut(device_id=rec.device_id, action=b.action, ok=True,
-                               latency_ms=(time.monotonic() - t0) * 1000, error=None)
+        return s.DiagnosticOut(
+            device_id=rec.device_id,
+            action=b.action,
+            ok=True,
+            latency_ms=(time.monotonic() - t0) * 1000,
+            error=None,
+        )
     except (DeviceError, TimeoutError) as err:
-        return s.DiagnosticOut(device_id=rec.device_id, action=b.action, ok=False,
-                               latency_ms=(time.monotonic() - t0) * 1000, error=str(err) or type(err).__name__)
+        return s.DiagnosticOut(
+            device_id=rec.device_id,
+            action=b.action,
+            ok=False,
+            latency_ms=(time.monotonic() - t0) * 1000,
+            error=str(err) or type(err).__name__,
+        )
 
 
 def alert_out(a: Alert) -> s.AlertOut:
     return s.AlertOut(
-        id=a.id, kind=a.kind, severity=a.severity, device_id=a.device_id,  # type: ignore[arg-type]
-        message=a.message, raised_at=s.iso(a.raised_at), cleared_at=s.iso(a.cleared_at),  # type: ignore[arg-type]
-        acknowledged=a.acknowledged, active=a.active,
+        id=a.id,
+        kind=a.kind,
+        severity=a.severity,  # type: ignore[arg-type]
+        device_id=a.device_id,  # type: ignore[arg-type]
+        message=a.message,
+        raised_at=s.iso(a.raised_at),
+        cleared_at=s.iso(a.cleared_at),  # type: ignore[arg-type]
+        acknowledged=a.acknowledged,
+        active=a.active,
     )
 
 
-@router.route("GET", "/device/safety/fault-detection", summary="Faults: offline, fault state, over-temperature",
-              tag="device", query=s.AlertQuery, response=s.AlertList)
+@router.route(
+    "GET",
+    "/device/safety/fault-detection",
+    summary="Faults: offline, fault state, over-temperature",
+    tag="device",
+    query=s.AlertQuery,
+    response=s.AlertList,
+)
 async def faults(call: Call[s.AlertQuery, None]) -> s.AlertList:
     from hub.notify import FAULT_KINDS
 
@@ -506,9 +721,16 @@ async def faults(call: Call[s.AlertQuery, None]) -> s.AlertList:
     return s.AlertList(alerts=[alert_out(a) for a in alerts if a.kind in FAULT_KINDS])
 
 
-@router.route("POST", "/device/safety/fault-detection", summary="Acknowledge faults", tag="device",
-              role=Role.HOMEOWNER, body=s.AckIn, response=s.AckOut)
-async def faults_ack(call: Call[s.Empty, s.AckIn]) -> s.AckOut:
+@router.route(
+    "POST",
+    "/device/safety/fault-detection",
+    summary="Acknowledge faults",
+    tag="device",
+    role=Role.HOMEOWNER,
+    body=s.AckIn,
+    response=s.AckOut,
+)
+async def faults_ack(call: Call[Empty, s.AckIn]) -> s.AckOut:
     return s.AckOut(acknowledged=ctx(call).alerts.acknowledge(call.body.acknowledge))
 
 
@@ -516,18 +738,30 @@ async def faults_ack(call: Call[s.Empty, s.AckIn]) -> s.AckOut:
 
 
 def hub_info(hub: HubContext) -> s.HubInfo:
-    return s.HubInfo(version=__version__, started_at=s.iso(hub.started_at),  # type: ignore[arg-type]
-                     devices=len(hub.registry.all()), settings=hub.settings.hub)
+    return s.HubInfo(
+        version=__version__,
+        started_at=s.iso(hub.started_at),  # type: ignore[arg-type]
+        devices=len(hub.registry.all()),
+        settings=hub.settings.hub,
+    )
 
 
 @router.route("GET", "/hub/configure", summary="Hub configuration", tag="hub", response=s.HubInfo)
-async def configure_get(call: Call[s.Empty, None]) -> s.HubInfo:
+async def configure_get(call: Call[Empty, None]) -> s.HubInfo:
     return hub_info(ctx(call))
 
 
-@router.route("PATCH", "/hub/configure", summary="Change hub configuration", tag="hub", role=Role.INSTALLER,
-              body=s.HubSettingsPatch, response=s.HubInfo, errors=(422,))
-async def configure_patch(call: Call[s.Empty, s.HubSettingsPatch]) -> s.HubInfo:
+@router.route(
+    "PATCH",
+    "/hub/configure",
+    summary="Change hub configuration",
+    tag="hub",
+    role=Role.INSTALLER,
+    body=s.HubSettingsPatch,
+    response=s.HubInfo,
+    errors=(422,),
+)
+async def configure_patch(call: Call[Empty, s.HubSettingsPatch]) -> s.HubInfo:
     """Changes take effect at once for new polls; retention applies on the next retention pass."""
     hub = ctx(call)
     merged = {**hub.settings.hub.model_dump(), **call.body.model_dump(exclude_none=True)}
@@ -545,27 +779,42 @@ def apply_hub_settings(hub: HubContext) -> None:
 
     st = hub.settings.hub
     hub.links.config = PollConfig(
-        poll_interval_s=st.poll_interval_s, timeout_s=st.timeout_s, offline_after=st.offline_after,
-        cyclic_write_s=st.cyclic_write_s, module_revert_s=st.module_revert_s,
+        poll_interval_s=st.poll_interval_s,
+        timeout_s=st.timeout_s,
+        offline_after=st.offline_after,
+        cyclic_write_s=st.cyclic_write_s,
+        module_revert_s=st.module_revert_s,
     )
     for link in hub.links.links.values():
         link.config = hub.links.config
     hub.history.set_retention(
-        Retention(raw_s=st.retention_raw_h * 3600, one_minute_s=st.retention_1m_days * 86400,
-                  fifteen_minute_s=st.retention_15m_days * 86400)
+        Retention(
+            raw_s=st.retention_raw_h * 3600,
+            one_minute_s=st.retention_1m_days * 86400,
+            fifteen_minute_s=st.retention_15m_days * 86400,
+        )
     )
 
 
-@router.route("GET", "/hub/communicate", summary="Communication with every module", tag="hub",
-              response=s.LinkList)
-async def communicate_get(call: Call[s.Empty, None]) -> s.LinkList:
+@router.route(
+    "GET", "/hub/communicate", summary="Communication with every module", tag="hub", response=s.LinkList
+)
+async def communicate_get(call: Call[Empty, None]) -> s.LinkList:
     hub = ctx(call)
     return s.LinkList(links=[link_out(hub, r) for r in hub.registry.all()])
 
 
-@router.route("POST", "/hub/communicate", summary="Poll a module now", tag="hub", role=Role.HOMEOWNER,
-              body=s.CommunicateIn, response=s.DeviceOut, errors=(404, 409, 422, 502))
-async def communicate_now(call: Call[s.Empty, s.CommunicateIn]) -> s.DeviceOut:
+@router.route(
+    "POST",
+    "/hub/communicate",
+    summary="Poll a module now",
+    tag="hub",
+    role=Role.HOMEOWNER,
+    body=s.CommunicateIn,
+    response=s.DeviceOut,
+    errors=(404, 409, 422, 502),
+)
+async def communicate_now(call: Call[Empty, s.CommunicateIn]) -> s.DeviceOut:
     """Reads a fresh sample from the module and returns its updated view (errors if it does not answer)."""
     hub = ctx(call)
     rec = records_of(hub, None, call.body.device_id)[0]
@@ -584,38 +833,68 @@ def monitor(hub: HubContext) -> s.MonitorOut:
     return s.MonitorOut(
         ts=datetime.now(UTC),
         site_name=hub.settings.hub.site_name,
-        site=s.SiteOut(pv_w=flows.pv_w, battery_w=flows.battery_w, grid_w=flows.grid_w, load_w=flows.load_w,
-                       plugs_w=flows.plugs_w, soc_pct=flows.soc_pct, grid_ok=flows.grid_ok),
+        site=s.SiteOut(
+            pv_w=flows.pv_w,
+            battery_w=flows.battery_w,
+            grid_w=flows.grid_w,
+            load_w=flows.load_w,
+            plugs_w=flows.plugs_w,
+            soc_pct=flows.soc_pct,
+            grid_ok=flows.grid_ok,
+        ),
         devices=[device_out(hub, r) for r in hub.registry.all()],
         active_alerts=len(hub.alerts.list(active_only=True)),
     )
 
 
 @router.route("GET", "/app/monitor", summary="The whole home at a glance", tag="app", response=s.MonitorOut)
-async def app_monitor(call: Call[s.Empty, None]) -> s.MonitorOut:
+async def app_monitor(call: Call[Empty, None]) -> s.MonitorOut:
     return monitor(ctx(call))
 
 
-@router.route("POST", "/app/monitor", summary="Command any module", tag="app", role=Role.HOMEOWNER,
-              body=s.AnyControlIn, response=s.ControlResults, errors=(404, 409, 422, 502))
-async def app_control(call: Call[s.Empty, s.AnyControlIn]) -> s.ControlResults:
+@router.route(
+    "POST",
+    "/app/monitor",
+    summary="Command any module",
+    tag="app",
+    role=Role.HOMEOWNER,
+    body=s.AnyControlIn,
+    response=s.ControlResults,
+    errors=(404, 409, 422, 502),
+)
+async def app_control(call: Call[Empty, s.AnyControlIn]) -> s.ControlResults:
     """One entry point for the app to command a module of any kind: set exactly one of
     ``power_limit_pct``, ``battery_power_w``, ``on``, or ``release``."""
     b = call.body
     given = [n for n in ("power_limit_pct", "battery_power_w", "on") if getattr(b, n) is not None]
     if len(given) + int(b.release) != 1:
-        raise ApiError(422, "invalid_body", "set exactly one of power_limit_pct, battery_power_w, on, release")
+        raise ApiError(
+            422, "invalid_body", "set exactly one of power_limit_pct, battery_power_w, on, release"
+        )
     rec = records_of(ctx(call), None, b.device_id)[0]
-    needed = {"power_limit_pct": DeviceKind.MICROINVERTER, "battery_power_w": DeviceKind.ENERGYSTORAGE,
-              "on": DeviceKind.SMARTPLUG}
+    needed = {
+        "power_limit_pct": DeviceKind.MICROINVERTER,
+        "battery_power_w": DeviceKind.ENERGYSTORAGE,
+        "on": DeviceKind.SMARTPLUG,
+    }
     if given and needed[given[0]] is not rec.kind:
         raise ApiError(422, "not_supported", f"{given[0]} does not apply to a {rec.kind.value}")
-    sp = Setpoint(power_limit_pct=b.power_limit_pct, battery_power_w=b.battery_power_w, on=b.on, release=b.release)
+    sp = Setpoint(
+        power_limit_pct=b.power_limit_pct, battery_power_w=b.battery_power_w, on=b.on, release=b.release
+    )
     return await issue_commands(call, None, b.device_id, sp, b.ttl_s)
 
 
-@router.route("GET", "/app/monitor/stream", summary="Live push stream (Server-Sent Events)", tag="app",
-              role=None, query=s.StreamQuery, stream="text/event-stream", errors=(401, 403))
+@router.route(
+    "GET",
+    "/app/monitor/stream",
+    summary="Live push stream (Server-Sent Events)",
+    tag="app",
+    role=None,
+    query=s.StreamQuery,
+    stream="text/event-stream",
+    errors=(401, 403),
+)
 async def app_stream(call: Call[s.StreamQuery, None]) -> web.StreamResponse:
     """A ``monitor`` event with the whole home every poll interval, and each event as it happens
     (``device.online``, ``device.offline``, ``alert.raised``, ``control.applied``, ...).  Authenticate with
@@ -650,28 +929,52 @@ async def _send_event(resp: web.StreamResponse, name: str, data: dict[str, Any])
     await resp.write(f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
 
 
-@router.route("GET", "/app/notify", summary="Notifications and alerts", tag="app", query=s.AlertQuery,
-              response=s.AlertList)
+@router.route(
+    "GET",
+    "/app/notify",
+    summary="Notifications and alerts",
+    tag="app",
+    query=s.AlertQuery,
+    response=s.AlertList,
+)
 async def notify_list(call: Call[s.AlertQuery, None]) -> s.AlertList:
     hub = ctx(call)
-    return s.AlertList(alerts=[alert_out(a) for a in hub.alerts.list(active_only=call.query.active_only,
-                                                                     device_id=call.query.device_id)])
+    return s.AlertList(
+        alerts=[
+            alert_out(a)
+            for a in hub.alerts.list(active_only=call.query.active_only, device_id=call.query.device_id)
+        ]
+    )
 
 
-@router.route("POST", "/app/notify", summary="Acknowledge notifications", tag="app", role=Role.HOMEOWNER,
-              body=s.AckIn, response=s.AckOut)
-async def notify_ack(call: Call[s.Empty, s.AckIn]) -> s.AckOut:
+@router.route(
+    "POST",
+    "/app/notify",
+    summary="Acknowledge notifications",
+    tag="app",
+    role=Role.HOMEOWNER,
+    body=s.AckIn,
+    response=s.AckOut,
+)
+async def notify_ack(call: Call[Empty, s.AckIn]) -> s.AckOut:
     return s.AckOut(acknowledged=ctx(call).alerts.acknowledge(call.body.acknowledge))
 
 
 @router.route("GET", "/app/settings", summary="App preferences", tag="app", response=s.AppSettingsOut)
-async def settings_get(call: Call[s.Empty, None]) -> s.AppSettingsOut:
+async def settings_get(call: Call[Empty, None]) -> s.AppSettingsOut:
     return s.AppSettingsOut(settings=ctx(call).settings.app)
 
 
-@router.route("PATCH", "/app/settings", summary="Change app preferences", tag="app", role=Role.HOMEOWNER,
-              body=s.AppSettingsPatch, response=s.AppSettingsOut)
-async def settings_patch(call: Call[s.Empty, s.AppSettingsPatch]) -> s.AppSettingsOut:
+@router.route(
+    "PATCH",
+    "/app/settings",
+    summary="Change app preferences",
+    tag="app",
+    role=Role.HOMEOWNER,
+    body=s.AppSettingsPatch,
+    response=s.AppSettingsOut,
+)
+async def settings_patch(call: Call[Empty, s.AppSettingsPatch]) -> s.AppSettingsOut:
     hub = ctx(call)
     merged = {**hub.settings.app.model_dump(), **call.body.model_dump(exclude_none=True)}
     new = type(hub.settings.app).model_validate(merged)
@@ -681,9 +984,16 @@ async def settings_patch(call: Call[s.Empty, s.AppSettingsPatch]) -> s.AppSettin
     return s.AppSettingsOut(settings=new)
 
 
-@router.route("PUT", "/app/settings", summary="Replace app preferences", tag="app", role=Role.HOMEOWNER,
-              body=s.AppSettings, response=s.AppSettingsOut)
-async def settings_put(call: Call[s.Empty, s.AppSettings]) -> s.AppSettingsOut:
+@router.route(
+    "PUT",
+    "/app/settings",
+    summary="Replace app preferences",
+    tag="app",
+    role=Role.HOMEOWNER,
+    body=AppSettings,
+    response=s.AppSettingsOut,
+)
+async def settings_put(call: Call[Empty, AppSettings]) -> s.AppSettingsOut:
     hub = ctx(call)
     await hub.settings.save(app=call.body)
     hub.alerts.low_soc_pct = call.body.low_soc_alert_pct
@@ -695,13 +1005,27 @@ async def settings_put(call: Call[s.Empty, s.AppSettings]) -> s.AppSettingsOut:
 
 
 def token_out(info: Any) -> s.TokenOut:
-    return s.TokenOut(token_id=info.id, name=info.name, role=info.role.value, created_at=info.created_at,
-                      last_used_at=info.last_used_at)
+    return s.TokenOut(
+        token_id=info.id,
+        name=info.name,
+        role=info.role.value,
+        created_at=info.created_at,
+        last_used_at=info.last_used_at,
+    )
 
 
-@router.route("POST", "/auth/pair", summary="Exchange a pairing code for a bearer token", tag="auth", role=None,
-              body=s.PairIn, response=s.PairOut, status=201, errors=(401, 403, 429))
-async def pair(call: Call[s.Empty, s.PairIn]) -> s.PairOut:
+@router.route(
+    "POST",
+    "/auth/pair",
+    summary="Exchange a pairing code for a bearer token",
+    tag="auth",
+    role=None,
+    body=s.PairIn,
+    response=s.PairOut,
+    status=201,
+    errors=(401, 403, 429),
+)
+async def pair(call: Call[Empty, s.PairIn]) -> s.PairOut:
     """The hub prints a pairing code at first start; a homeowner can issue more with
     ``POST /auth/pairing-code``.  Failed attempts are rate-limited per client and overall (429)."""
     issued = await call.request.app[auth_store_key].exchange(
@@ -710,9 +1034,17 @@ async def pair(call: Call[s.Empty, s.PairIn]) -> s.PairOut:
     return s.PairOut(token=issued.token, token_id=issued.info.id, role=issued.info.role.value)  # type: ignore[arg-type]
 
 
-@router.route("POST", "/auth/pairing-code", summary="Issue a pairing code for another client", tag="auth",
-              role=Role.HOMEOWNER, body=s.PairingCodeIn, response=s.PairingCodeOut, status=201)
-async def pairing_code(call: Call[s.Empty, s.PairingCodeIn]) -> s.PairingCodeOut:
+@router.route(
+    "POST",
+    "/auth/pairing-code",
+    summary="Issue a pairing code for another client",
+    tag="auth",
+    role=Role.HOMEOWNER,
+    body=s.PairingCodeIn,
+    response=s.PairingCodeOut,
+    status=201,
+)
+async def pairing_code(call: Call[Empty, s.PairingCodeIn]) -> s.PairingCodeOut:
     assert call.token is not None
     code = call.request.app[auth_store_key].issue_pairing_code(
         Role(call.body.role), issued_by=call.token, ttl_s=call.body.ttl_s
@@ -721,15 +1053,23 @@ async def pairing_code(call: Call[s.Empty, s.PairingCodeIn]) -> s.PairingCodeOut
     return s.PairingCodeOut(code=code.code, role=code.role.value, expires_at=code.expires_at)  # type: ignore[arg-type]
 
 
-@router.route("GET", "/auth/tokens", summary="Paired clients", tag="auth", role=Role.HOMEOWNER,
-              response=s.TokenList)
-async def tokens(call: Call[s.Empty, None]) -> s.TokenList:
+@router.route(
+    "GET", "/auth/tokens", summary="Paired clients", tag="auth", role=Role.HOMEOWNER, response=s.TokenList
+)
+async def tokens(call: Call[Empty, None]) -> s.TokenList:
     return s.TokenList(tokens=[token_out(t) for t in call.request.app[auth_store_key].list_tokens()])
 
 
-@router.route("DELETE", "/auth/tokens/{token_id}", summary="Revoke a client's token", tag="auth",
-              role=Role.HOMEOWNER, response=s.TokenList, errors=(404, 409))
-async def revoke(call: Call[s.Empty, None]) -> s.TokenList:
+@router.route(
+    "DELETE",
+    "/auth/tokens/{token_id}",
+    summary="Revoke a client's token",
+    tag="auth",
+    role=Role.HOMEOWNER,
+    response=s.TokenList,
+    errors=(404, 409),
+)
+async def revoke(call: Call[Empty, None]) -> s.TokenList:
     store = call.request.app[auth_store_key]
     token_id = call.path["token_id"]
     target = store.get_token(token_id)
@@ -740,7 +1080,9 @@ async def revoke(call: Call[s.Empty, None]) -> s.TokenList:
         raise ApiError(403, "forbidden", f"a {call.token.role} cannot revoke a {target.role} token")
     installers = [t for t in store.list_tokens() if t.role is Role.INSTALLER]
     if target.role is Role.INSTALLER and len(installers) == 1:
-        raise ApiError(409, "last_installer", "pair another installer before revoking the last installer token")
+        raise ApiError(
+            409, "last_installer", "pair another installer before revoking the last installer token"
+        )
     await store.revoke(token_id)
     return s.TokenList(tokens=[token_out(t) for t in store.list_tokens()])
 
@@ -749,5 +1091,7 @@ async def revoke(call: Call[s.Empty, None]) -> s.TokenList:
 
 
 @router.route("GET", "/healthz", summary="Liveness", tag="hub", role=None, response=s.Health)
-async def health(call: Call[s.Empty, None]) -> s.Health:
-    return s.Health(status="ok", version=__version__, needs_pairing=call.request.app[auth_store_key].needs_pairing)
+async def health(call: Call[Empty, None]) -> s.Health:
+    return s.Health(
+        status="ok", version=__version__, needs_pairing=call.request.app[auth_store_key].needs_pairing
+    )

@@ -23,7 +23,7 @@ from hub.api.errors import ApiError
 from hub.auth import Role, TokenInfo, require
 
 Q = TypeVar("Q", bound=BaseModel)
-B = TypeVar("B", bound=BaseModel)
+B = TypeVar("B")
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -137,7 +137,10 @@ class ApiRouter:
                 query = op.query.model_validate(dict(request.query))
             except ValidationError as err:
                 raise ApiError(
-                    400, "invalid_query", "the query string does not match the schema", _validation_details(err)
+                    400,
+                    "invalid_query",
+                    "the query string does not match the schema",
+                    _validation_details(err),
                 ) from err
             body: BaseModel | None = None
             if op.body is not None:
@@ -146,7 +149,10 @@ class ApiRouter:
                     body = op.body.model_validate(await _read_json(request), strict=True)
                 except ValidationError as err:
                     raise ApiError(
-                        422, "invalid_body", "the request body does not match the schema", _validation_details(err)
+                        422,
+                        "invalid_body",
+                        "the request body does not match the schema",
+                        _validation_details(err),
                     ) from err
             elif request.can_read_body and request.method in ("POST", "PUT", "PATCH"):
                 # Nothing is expected: still refuse oversized input cheaply.
@@ -186,11 +192,16 @@ class ApiRouter:
             ]
             qschema = op.query.model_json_schema()
             required = set(qschema.get("required", []))
-            for name, prop in qschema.get("properties", {}).items():
-                prop = dict(prop)
+            for name, raw_prop in qschema.get("properties", {}).items():
+                prop = dict(raw_prop)
                 desc = prop.pop("description", None)
                 prop.pop("title", None)
-                p: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
+                p: dict[str, Any] = {
+                    "name": name,
+                    "in": "query",
+                    "required": name in required,
+                    "schema": prop,
+                }
                 if desc:
                     p["description"] = desc
                 params.append(p)

@@ -44,7 +44,12 @@ class IdentityOut(BaseModel):
 
     @classmethod
     def of(cls, ident: Identity) -> IdentityOut:
-        return cls(vendor=ident.vendor, model=ident.model, serial=ident.serial, firmware_version=ident.firmware_version)
+        return cls(
+            vendor=ident.vendor,
+            model=ident.model,
+            serial=ident.serial,
+            firmware_version=ident.firmware_version,
+        )
 
 
 class CapabilitiesOut(BaseModel):
@@ -181,7 +186,9 @@ class RegisterIn(Strict):
 
 class DevicePatch(Strict):
     name: str | None = Field(None, min_length=1, max_length=64)
-    priority: int | None = Field(None, ge=0, le=100, description="Smart plug shedding order: lower sheds first")
+    priority: int | None = Field(
+        None, ge=0, le=100, description="Smart plug shedding order: lower sheds first"
+    )
     critical: bool | None = Field(None, description="Smart plug feeds a load that must stay on in an outage")
 
 
@@ -200,7 +207,9 @@ class TtlMixin(Strict):
 
 
 class InverterControlIn(TtlMixin):
-    device_id: DeviceId | None = Field(None, description="One microinverter; omit to limit every microinverter")
+    device_id: DeviceId | None = Field(
+        None, description="One microinverter; omit to limit every microinverter"
+    )
     power_limit_pct: float = Field(ge=0, le=100, description="Active power limit, % of rated power")
 
 
@@ -224,7 +233,9 @@ class AnyControlIn(TtlMixin):
 
     device_id: DeviceId
     power_limit_pct: float | None = Field(None, ge=0, le=100)
-    battery_power_w: float | None = Field(None, ge=-1_000_000, le=1_000_000, description="+ discharge, − charge")
+    battery_power_w: float | None = Field(
+        None, ge=-1_000_000, le=1_000_000, description="+ discharge, − charge"
+    )
     on: bool | None = None
     release: bool = Field(False, description="End any direct command and return to schedule/default")
 
@@ -273,8 +284,12 @@ class LoggingQuery(RangeQuery):
     fields: str | None = Field(
         None,
         max_length=256,
-        description="Comma-separated field names. raw: " + ", ".join(RAW_FIELDS) + "; 1m/15m: "
-        + ", ".join(AGGREGATE_FIELDS) + "; auto: " + ", ".join(AUTO_FIELDS),
+        description="Comma-separated field names. raw: "
+        + ", ".join(RAW_FIELDS)
+        + "; 1m/15m: "
+        + ", ".join(AGGREGATE_FIELDS)
+        + "; auto: "
+        + ", ".join(AUTO_FIELDS),
     )
     limit: int = Field(10000, ge=1, le=100000)
 
@@ -455,7 +470,9 @@ class AppSettingsOut(BaseModel):
 
 
 class PairIn(Strict):
-    code: str = Field(min_length=1, max_length=32, description="The pairing code shown by the hub, e.g. 1234-5678")
+    code: str = Field(
+        min_length=1, max_length=32, description="The pairing code shown by the hub, e.g. 1234-5678"
+    )
     name: str = Field(min_length=1, max_length=64, description="A name for this client, e.g. 'Ana's phone'")
 
 

@@ -46,7 +46,9 @@ class Hub:
         self, method: str, path: str, *, token: str | None = None, json_body: Any = None, **kw: Any
     ) -> tuple[int, Any]:
         headers = {**self.headers(token), **kw.pop("headers", {})}
-        async with self.session.request(method, self.url(path), json=json_body, headers=headers, **kw) as resp:
+        async with self.session.request(
+            method, self.url(path), json=json_body, headers=headers, **kw
+        ) as resp:
             text = await resp.text()
             try:
                 body = json.loads(text) if text else None
@@ -55,7 +57,9 @@ class Hub:
             return resp.status, body
 
     async def pair(self, code: str, name: str = "test") -> dict[str, Any]:
-        status, body = await self.request("POST", "/auth/pair", token="", json_body={"code": code, "name": name})
+        status, body = await self.request(
+            "POST", "/auth/pair", token="", json_body={"code": code, "name": name}
+        )
         assert status == 201, body
         return dict(body)
 
@@ -94,7 +98,12 @@ def make_module(kind: DeviceKind, serial: str, **sample: Any) -> StaticModule:
     caps = {
         DeviceKind.MICROINVERTER: Capabilities(rated_power_w=400),
         DeviceKind.ENERGYSTORAGE: Capabilities(
-            rated_power_w=2500, capacity_wh=5000, max_charge_w=2500, max_discharge_w=2500, min_soc_pct=10, max_soc_pct=100
+            rated_power_w=2500,
+            capacity_wh=5000,
+            max_charge_w=2500,
+            max_discharge_w=2500,
+            min_soc_pct=10,
+            max_soc_pct=100,
         ),
         DeviceKind.METER: Capabilities(controllable=False),
         DeviceKind.SMARTPLUG: Capabilities(rated_power_w=1800, priority=1),
@@ -102,7 +111,12 @@ def make_module(kind: DeviceKind, serial: str, **sample: Any) -> StaticModule:
     info = DeviceInfo(kind, Identity("Test Vendor", f"T-{kind.value}", serial, "1.0.0"), caps)
     defaults: dict[str, Any] = {
         DeviceKind.MICROINVERTER: {"power_w": 300.0, "power_limit_pct": 100.0, "energy_out_wh": 1000.0},
-        DeviceKind.ENERGYSTORAGE: {"power_w": -500.0, "soc_pct": 55.0, "soh_pct": 98.0, "temperature_c": 25.0},
+        DeviceKind.ENERGYSTORAGE: {
+            "power_w": -500.0,
+            "soc_pct": 55.0,
+            "soh_pct": 98.0,
+            "temperature_c": 25.0,
+        },
         DeviceKind.METER: {"power_w": 200.0, "grid_ok": True},
         DeviceKind.SMARTPLUG: {"power_w": -60.0, "on": True},
     }[kind]

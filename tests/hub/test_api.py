@@ -65,15 +65,21 @@ async def test_reads_need_a_token_and_writes_need_the_role(hub: Hub) -> None:
 
 async def test_pairing_is_rate_limited(hub: Hub) -> None:
     for _ in range(5):
-        status, body = await hub.request("POST", "/auth/pair", token="", json_body={"code": "0000-0000", "name": "x"})
+        status, body = await hub.request(
+            "POST", "/auth/pair", token="", json_body={"code": "0000-0000", "name": "x"}
+        )
         assert status == 401
         assert_error(body, "invalid_pairing_code")
-    status, body = await hub.request("POST", "/auth/pair", token="", json_body={"code": "0000-0000", "name": "x"})
+    status, body = await hub.request(
+        "POST", "/auth/pair", token="", json_body={"code": "0000-0000", "name": "x"}
+    )
     assert status == 429
     assert_error(body, "rate_limited")
     # A valid code is refused too while this client is locked out: the limit is checked first.
     _, code = await hub.request("POST", "/auth/pairing-code", json_body={"role": "viewer"})
-    status, body = await hub.request("POST", "/auth/pair", token="", json_body={"code": code["code"], "name": "x"})
+    status, body = await hub.request(
+        "POST", "/auth/pair", token="", json_body={"code": code["code"], "name": "x"}
+    )
     assert status == 429
     _, tokens = await hub.request("GET", "/auth/tokens")
     assert [t["role"] for t in tokens["tokens"]] == ["installer"]
@@ -103,19 +109,27 @@ async def test_tokens_are_listed_and_revocation_is_immediate(hub: Hub) -> None:
 
 async def test_bad_input_gets_the_error_format(hub: Hub) -> None:
     url = hub.url("/microinverter/control")
-    async with hub.session.post(url, data=b"{not json", headers={**hub.headers(), "Content-Type": "application/json"}) as r:
+    async with hub.session.post(
+        url, data=b"{not json", headers={**hub.headers(), "Content-Type": "application/json"}
+    ) as r:
         assert r.status == 400
         assert_error(await r.json(), "invalid_json")
-    async with hub.session.post(url, data=b"NaN", headers={**hub.headers(), "Content-Type": "application/json"}) as r:
+    async with hub.session.post(
+        url, data=b"NaN", headers={**hub.headers(), "Content-Type": "application/json"}
+    ) as r:
         assert r.status == 400
-    async with hub.session.post(url, data=b"x" * 70_000, headers={**hub.headers(), "Content-Type": "application/json"}) as r:
+    async with hub.session.post(
+        url, data=b"x" * 70_000, headers={**hub.headers(), "Content-Type": "application/json"}
+    ) as r:
         assert r.status == 413
         assert_error(await r.json(), "payload_too_large")
     status, body = await hub.request("POST", "/microinverter/control", json_body={"power_limit_pct": 150})
     assert status == 422
     assert_error(body, "invalid_body")
     assert body["error"]["details"][0]["loc"] == ["power_limit_pct"]
-    status, body = await hub.request("POST", "/microinverter/control", json_body={"power_limit_pct": 5, "extra": 1})
+    status, body = await hub.request(
+        "POST", "/microinverter/control", json_body={"power_limit_pct": 5, "extra": 1}
+    )
     assert status == 422
     status, body = await hub.request("GET", "/device/data/logging")
     assert status == 400
@@ -139,11 +153,21 @@ async def test_openapi_describes_every_route(hub: Hub) -> None:
     assert status == 200
     assert doc["openapi"] == "3.1.0"
     for path in (
-        "/microinverter/status", "/microinverter/energy", "/microinverter/control",
-        "/energystorage/status", "/energystorage/storage", "/energystorage/control",
-        "/device/register", "/device/data/logging", "/device/diagnostics/remote",
-        "/device/safety/fault-detection", "/hub/configure", "/hub/communicate",
-        "/app/monitor", "/app/notify", "/app/settings",
+        "/microinverter/status",
+        "/microinverter/energy",
+        "/microinverter/control",
+        "/energystorage/status",
+        "/energystorage/storage",
+        "/energystorage/control",
+        "/device/register",
+        "/device/data/logging",
+        "/device/diagnostics/remote",
+        "/device/safety/fault-detection",
+        "/hub/configure",
+        "/hub/communicate",
+        "/app/monitor",
+        "/app/notify",
+        "/app/settings",
     ):
         assert path in doc["paths"], path
     body_schema = doc["paths"]["/microinverter/control"]["post"]["requestBody"]["content"]["application/json"]
@@ -171,7 +195,7 @@ async def test_register_poll_and_history(hub: Hub, ores_module: ModuleFactory) -
     assert again["name"] == "Roof west"
 
     async def online() -> Any:
-        status, body = await hub.request("GET", "/microinverter/status")
+        _status, body = await hub.request("GET", "/microinverter/status")
         return body if body["online"] == 1 else None
 
     status_body = await until(online, what="inverter online")
@@ -180,16 +204,22 @@ async def test_register_poll_and_history(hub: Hub, ores_module: ModuleFactory) -
     assert monitor["site"]["pv_w"] == 300.0
     await until(lambda: hub.ctx.state.devices[device_id].stats.polls >= 3, what="three polls")
     await hub.ctx.history.flush()
-    status, log = await hub.request("GET", "/device/data/logging", params={"device_id": device_id, "resolution": "raw"})
+    status, log = await hub.request(
+        "GET", "/device/data/logging", params={"device_id": device_id, "resolution": "raw"}
+    )
     assert status == 200, log
     assert len(log["points"]) >= 3
     assert all(p["power_w"] == 300.0 for p in log["points"])
-    status, diag = await hub.request("POST", "/device/diagnostics/remote", json_body={"device_id": device_id, "action": "probe"})
+    status, diag = await hub.request(
+        "POST", "/device/diagnostics/remote", json_body={"device_id": device_id, "action": "probe"}
+    )
     assert status == 200
     assert diag["ok"] and diag["identity"]["serial"] == "INV1"
 
 
-async def test_same_module_at_new_address_is_updated_not_duplicated(hub: Hub, ores_module: ModuleFactory) -> None:
+async def test_same_module_at_new_address_is_updated_not_duplicated(
+    hub: Hub, ores_module: ModuleFactory
+) -> None:
     module = make_module(DeviceKind.SMARTPLUG, "PLUG1")
     first = await ores_module(module)
     status, body = await register(hub, str(first.address))
@@ -203,7 +233,9 @@ async def test_same_module_at_new_address_is_updated_not_duplicated(hub: Hub, or
     assert [d["device_id"] for d in listing["devices"]] == [body["device_id"]]
 
 
-async def test_other_identity_at_known_address_is_refused_with_an_alert(hub: Hub, ores_module: ModuleFactory) -> None:
+async def test_other_identity_at_known_address_is_refused_with_an_alert(
+    hub: Hub, ores_module: ModuleFactory
+) -> None:
     first = await ores_module(make_module(DeviceKind.SMARTPLUG, "PLUG1"))
     status, body = await register(hub, str(first.address))
     assert status == 201
@@ -220,7 +252,7 @@ async def test_other_identity_at_known_address_is_refused_with_an_alert(hub: Hub
 async def test_offline_detection_and_recovery(hub: Hub, ores_module: ModuleFactory) -> None:
     module = make_module(DeviceKind.METER, "M1")
     server = await ores_module(module)
-    status, body = await register(hub, str(server.address))
+    _, body = await register(hub, str(server.address))
     device_id = body["device_id"]
     await until(lambda: hub.ctx.state.devices[device_id].online, what="online")
     port = server.address.port
@@ -232,7 +264,7 @@ async def test_offline_detection_and_recovery(hub: Hub, ores_module: ModuleFacto
         return any(a["kind"] == "device_offline" and a["device_id"] == device_id for a in faults["alerts"])
 
     await until(offline_alert, what="offline alert")
-    status, links = await hub.request("GET", "/hub/communicate")
+    _status, links = await hub.request("GET", "/hub/communicate")
     link = links["links"][0]
     assert link["online"] is False and link["consecutive_failures"] >= 2 and link["last_error"]
     await ores_module(module, port=port)
@@ -262,7 +294,9 @@ async def test_control_ttl_returns_module_to_default(hub: Hub, ores_module: Modu
     device_id = body["device_id"]
     await until(lambda: hub.ctx.state.devices[device_id].online, what="online")
     status, res = await hub.request(
-        "POST", "/microinverter/control", json_body={"device_id": device_id, "power_limit_pct": 40, "ttl_s": 1.5}
+        "POST",
+        "/microinverter/control",
+        json_body={"device_id": device_id, "power_limit_pct": 40, "ttl_s": 1.5},
     )
     assert status == 200, res
     result = res["results"][0]
@@ -289,16 +323,24 @@ async def test_storage_and_plug_control(hub: Hub, ores_module: ModuleFactory) ->
     _, p = await register(hub, str(ps.address))
     status, body = await hub.request("POST", "/energystorage/control", json_body={"mode": "charge"})
     assert status == 422
-    status, body = await hub.request("POST", "/energystorage/control", json_body={"mode": "charge", "power_w": 9000})
+    status, body = await hub.request(
+        "POST", "/energystorage/control", json_body={"mode": "charge", "power_w": 9000}
+    )
     assert status == 422
     assert_error(body, "out_of_range")
-    status, body = await hub.request("POST", "/energystorage/control", json_body={"mode": "charge", "power_w": 1200})
+    status, body = await hub.request(
+        "POST", "/energystorage/control", json_body={"mode": "charge", "power_w": 1200}
+    )
     assert status == 200, body
     assert battery.received[-1][0] == Setpoint(battery_power_w=-1200)
-    status, body = await hub.request("POST", "/smartplug/control", json_body={"device_id": p["device_id"], "on": False})
+    status, body = await hub.request(
+        "POST", "/smartplug/control", json_body={"device_id": p["device_id"], "on": False}
+    )
     assert status == 200, body
     assert plug.sample.on is False
-    status, body = await hub.request("POST", "/app/monitor", json_body={"device_id": p["device_id"], "power_limit_pct": 3})
+    status, body = await hub.request(
+        "POST", "/app/monitor", json_body={"device_id": p["device_id"], "power_limit_pct": 3}
+    )
     assert status == 422
     status, body = await hub.request("DELETE", "/smartplug/control", params={"device_id": p["device_id"]})
     assert status == 200
@@ -318,7 +360,9 @@ async def test_command_to_unreachable_module_stays_pending(hub: Hub, ores_module
     port = server.address.port
     await server.stop()
     await until(lambda: not hub.ctx.state.devices[device_id].online, what="offline")
-    status, res = await hub.request("POST", "/microinverter/control", json_body={"power_limit_pct": 20, "ttl_s": 600})
+    status, res = await hub.request(
+        "POST", "/microinverter/control", json_body={"power_limit_pct": 20, "ttl_s": 600}
+    )
     assert status == 200
     assert res["results"][0]["status"] == "pending"
     # When the module returns, the hub writes the pending command.
@@ -353,7 +397,9 @@ async def test_push_stream_sends_monitor_and_events(hub: Hub, ores_module: Modul
 
 
 async def test_settings_round_trip_and_persist(hub: Hub) -> None:
-    status, body = await hub.request("PATCH", "/app/settings", json_body={"low_soc_alert_pct": 25, "currency": "EUR"})
+    status, body = await hub.request(
+        "PATCH", "/app/settings", json_body={"low_soc_alert_pct": 25, "currency": "EUR"}
+    )
     assert status == 200, body
     assert body["settings"]["low_soc_alert_pct"] == 25
     saved = json.loads((hub.ctx.config.data_dir / "settings.json").read_text())

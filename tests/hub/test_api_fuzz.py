@@ -42,7 +42,10 @@ def _read_until(stream: IO[str], pattern: str, lines: list[str]) -> re.Match[str
 def _call(url: str, token: str, body: Any = None, method: str = "GET") -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.load(resp)
@@ -54,12 +57,28 @@ def running_home(tmp_path: Path) -> Iterator[tuple[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
     sims = subprocess.Popen(
         [sys.executable, "-m", "devices.sim", "--modules", "8"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     hub = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "--port", "0", "--data-dir", str(tmp_path / "data"),
-         "--device-network", "127.0.0.0/8", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--device-network",
+            "127.0.0.0/8",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert sims.stdout is not None and hub.stdout is not None
@@ -70,7 +89,8 @@ def running_home(tmp_path: Path) -> Iterator[tuple[str, str]]:
         base = _read_until(hub.stdout, r"listening on (http://\S+)", hub_lines).group(1)
         code = _read_until(hub.stdout, r"Pairing code: (\d{4}-\d{4})", hub_lines).group(1)
         req = urllib.request.Request(
-            f"{base}/auth/pair", data=json.dumps({"code": code, "name": "fuzzer"}).encode(),
+            f"{base}/auth/pair",
+            data=json.dumps({"code": code, "name": "fuzzer"}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -97,12 +117,27 @@ def test_schemathesis_finds_no_server_errors(running_home: tuple[str, str], tmp_
     before = _call(f"{base}/device/register", token)
     assert len(before["devices"]) == 8
     cmd = [
-        str(ST), "run", f"{base}/openapi.json",
-        "--header", f"Authorization: Bearer {token}",
-        "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-        "--exclude-path", "/app/monitor/stream",  # an endless stream: tested in test_api.py
-        "--max-examples", str(MAX_EXAMPLES), "--workers", "2", "--seed", "4242",
-        "--request-timeout", "15", "--phases", "examples,coverage,fuzzing,stateful",
+        str(ST),
+        "run",
+        f"{base}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {token}",
+        "--checks",
+        "all",
+        "--exclude-checks",
+        "positive_data_acceptance",
+        "--exclude-path",
+        "/app/monitor/stream",  # an endless stream: tested in test_api.py
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--workers",
+        "2",
+        "--seed",
+        "4242",
+        "--request-timeout",
+        "15",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, cwd=tmp_path)
     output = proc.stdout + proc.stderr
