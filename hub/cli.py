@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -36,6 +37,13 @@ def default_data_dir() -> Path:
     return base / "ores-hub"
 
 
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ores-hub", description="ORES Hub: local control unit for home energy")
     p.add_argument(
@@ -48,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--device-network",
         action="append",
+        type=_network,
         metavar="CIDR",
         help="a network where modules may live (repeatable; default: loopback, private and link-local ranges)",
     )
@@ -149,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # pymodbus logs every server start and client retry at INFO; its warnings are what matter to us.
+    logging.getLogger("pymodbus").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(args))
 
