@@ -71,7 +71,9 @@ class Child:
             if match:
                 return match
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not print {pattern!r} in {timeout_s:.0f} s")
             time.sleep(0.05)
@@ -109,7 +111,15 @@ def sim_process(n: int, protocol: Protocol, workdir: Path) -> Any:
     if protocol == "mixed":
         argv = [sys.executable, "-m", "devices.sim", "--modules", str(n)]
     else:
-        argv = [sys.executable, str(Path(__file__).resolve()), "sim", "--modules", str(n), "--protocol", protocol]
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "sim",
+            "--modules",
+            str(n),
+            "--protocol",
+            protocol,
+        ]
     child = spawn("simulator", argv, workdir / "sim.log", stdin_pipe=True)
     try:
         child.wait_for_line(r"^READY$", timeout_s=max(START_TIMEOUT_S, n * 0.5))
@@ -185,9 +195,10 @@ async def register_all(
     errors: list[str] = []
 
     async def one(address: str) -> None:
-        async with gate, session.post(
-            f"{url}/device/register", json={"address": address}, headers=auth(token)
-        ) as resp:
+        async with (
+            gate,
+            session.post(f"{url}/device/register", json={"address": address}, headers=auth(token)) as resp,
+        ):
             if resp.status not in (200, 201):
                 errors.append(f"{address}: {resp.status} {await resp.text()}")
 
@@ -430,11 +441,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # ------------------------------------------------------------------------------------------ sub-commands
 
 
-async def _serve_bare(body_file: Path) -> None:
+async def _serve_bare(body: bytes) -> None:
     """A bare aiohttp server: one handler returning fixed JSON bytes, run the way the hub runs its app."""
     from aiohttp import web
-
-    body = body_file.read_bytes()
 
     async def handler(_: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
@@ -455,11 +464,11 @@ async def _serve_bare(body_file: Path) -> None:
 async def _serve_sim(n: int, protocol: Protocol) -> None:
     """Like ``python -m devices.sim`` but every module speaks one protocol family."""
     from devices.model import DeviceKind
-    from devices.sim.base import SimServer
+    from devices.sim.base import SimServer, SimulatedModule
     from devices.sim.home import serve_module
     from devices.sim.physics import build_demo_home
 
-    modules = []
+    modules: list[SimulatedModule] = []
     seed = 1
     while len(modules) < n:
         home = build_demo_home(speedup=1.0, seed=seed)
@@ -472,7 +481,11 @@ async def _serve_sim(n: int, protocol: Protocol) -> None:
                 wire = "ores-http"
             else:  # SunSpec has no smart-plug model: plugs stay on ORES-HTTP
                 kind = module.info.kind
-                wire = "ores-http" if kind is DeviceKind.SMARTPLUG else ("sunspec-legacy", "sunspec-der")[index % 2]
+                wire = (
+                    "ores-http"
+                    if kind is DeviceKind.SMARTPLUG
+                    else ("sunspec-legacy", "sunspec-der")[index % 2]
+                )
                 if kind is DeviceKind.METER:
                     wire = "sunspec-legacy"
             servers.append(await serve_module(module, wire))
@@ -492,7 +505,9 @@ async def _until_terminated(*, watch_stdin: bool = False) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     if watch_stdin:
-        loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
+        loop.add_reader(
+            sys.stdin.fileno(), lambda: stop.set() if not os.read(sys.stdin.fileno(), 1) else None
+        )
     await stop.wait()
 
 
@@ -512,7 +527,7 @@ def main() -> None:
     sim.add_argument("--protocol", choices=("ores-http", "sunspec"), default="ores-http")
     args = p.parse_args()
     if args.cmd == "bare":
-        asyncio.run(_serve_bare(args.body))
+        asyncio.run(_serve_bare(args.body.read_bytes()))
     else:
         asyncio.run(_serve_sim(args.modules, args.protocol))
 

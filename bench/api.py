@@ -53,7 +53,7 @@ def _loadgen_cpu() -> float:
 
 
 async def _measure(
-    label: str, url: str, token: str | None, args: argparse.Namespace, tool: str, pids: dict[str, int]
+    label: str, url: str, token: str | None, *, args: argparse.Namespace, tool: str, pids: dict[str, int]
 ) -> tuple[LoadResult, dict[str, float]]:
     await closed_loop(url, token, args.connections, args.warmup, tool)  # warm-up, discarded
     meter = CpuMeter(pids)
@@ -90,16 +90,22 @@ async def run(args: argparse.Namespace, workdir: Path) -> bool:
                 body = await resp.read()
         body_file = workdir / "monitor.json"
         body_file.write_bytes(body)
-        print(f"  {len(modules)} registered, {online} online; /app/monitor body {len(body):,} bytes", flush=True)
+        print(
+            f"  {len(modules)} registered, {online} online; /app/monitor body {len(body):,} bytes", flush=True
+        )
 
         with bare_process(body_file, workdir) as (bare, bare_url):
             async with client_session() as session, session.get(bare_url) as resp:
                 if await resp.read() != body:
                     raise RuntimeError("the bare server does not return the monitor body")
             hub_pids = {"hub": hub.child.pid, "simulator": sim.pid}
-            hub_res, hub_cpu = await _measure("hub  closed loop", monitor_url, token, args, tool, hub_pids)
+            hub_res, hub_cpu = await _measure(
+                "hub  closed loop", monitor_url, token, args=args, tool=tool, pids=hub_pids
+            )
             bare_pids = {"bare": bare.pid, "simulator": sim.pid}
-            bare_res, bare_cpu = await _measure("bare closed loop", bare_url, None, args, tool, bare_pids)
+            bare_res, bare_cpu = await _measure(
+                "bare closed loop", bare_url, None, args=args, tool=tool, pids=bare_pids
+            )
             hub_open = await open_loop(monitor_url, token, args.rate, args.duration)
             print(f"  hub  open loop: p99 {hub_open.p99_ms:.1f} ms", flush=True)
             bare_open = await open_loop(bare_url, None, args.rate, args.duration)
@@ -126,10 +132,18 @@ async def run(args: argparse.Namespace, workdir: Path) -> bool:
         table(
             ["run", "requests", "errors", "req/s", "p50 ms", "p99 ms", "max ms", "server CPU", "loadgen CPU"],
             [
-                row(f"hub, closed loop c={args.connections} ({tool})", hub_res, hub_cpu["hub"],
-                    hub_cpu["load generator"]),
-                row(f"bare, closed loop c={args.connections} ({tool})", bare_res, bare_cpu["bare"],
-                    bare_cpu["load generator"]),
+                row(
+                    f"hub, closed loop c={args.connections} ({tool})",
+                    hub_res,
+                    hub_cpu["hub"],
+                    hub_cpu["load generator"],
+                ),
+                row(
+                    f"bare, closed loop c={args.connections} ({tool})",
+                    bare_res,
+                    bare_cpu["bare"],
+                    bare_cpu["load generator"],
+                ),
                 row(f"hub, open loop {args.rate:g}/s", hub_open, None, None),
                 row(f"bare, open loop {args.rate:g}/s", bare_open, None, None),
             ],

@@ -99,6 +99,6 @@ async def _evaluate_alerts(hub: HubContext) -> None:
     while True:
         await asyncio.sleep(hub.settings.hub.poll_interval_s)
         try:
-            hub.alerts.evaluate(hub.state)
+            hub.alerts.evaluate(hub.state, offline_after=hub.settings.hub.offline_after)
         except Exception:
             _LOGGER.exception("alert evaluation failed")

@@ -24,7 +24,9 @@ from hub import __version__
 from hub.app import build_app
 from hub.config import DEFAULT_DEVICE_NETWORKS, HubConfig
 from hub.context import HubContext, hub_key
+from hub.auth import AuthError
 from hub.register import register_module
+from hub.registry import RegistryError
 
 _LOGGER = logging.getLogger("ores-hub")
 
@@ -82,7 +84,12 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
         from devices.sim.home import serve_demo_home
 
         sims = await serve_demo_home(speedup=args.speedup)
-    app = build_app(config)
+    try:
+        app = build_app(config)
+    except (RegistryError, AuthError, ValueError, OSError) as err:
+        for sim in sims:
+            await sim.stop()
+        raise SystemExit(f"ores-hub: cannot start: {err}") from err
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)

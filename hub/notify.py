@@ -98,13 +98,14 @@ class Alerts:
             if dev == device_id:
                 self.clear(kind, dev)
 
-    def evaluate(self, state: LiveState) -> None:
-        """Bring alerts in line with the live state."""
+    def evaluate(self, state: LiveState, *, offline_after: int = 3) -> None:
+        """Bring alerts in line with the live state (a module is offline after ``offline_after`` failed
+        polls in a row, as the pollers count them)."""
         outage = False
         for live in state.devices.values():
             dev = live.device_id
             stats = live.stats
-            offline = not live.online and stats.consecutive_failures > 0 and stats.polls >= 1
+            offline = not live.online and stats.consecutive_failures >= offline_after
             self.set(offline, "device_offline", "warning", dev, f"{dev} is not answering: {stats.last_error}")
             self.set(
                 live.identity_mismatch is not None,

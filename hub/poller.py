@@ -186,11 +186,8 @@ class DeviceLink:
             self._state.set_online(self.device_id, False, reason)
             if self.live.telemetry is not None:
                 self.live.telemetry = self.live.telemetry.with_state(OperatingState.OFFLINE)
-        elif (
-            stats.consecutive_failures >= self.config.offline_after
-            and stats.consecutive_failures == self.config.offline_after
-        ):
-            # Never came online: still make the state explicit once.
+        elif stats.consecutive_failures == self.config.offline_after:
+            # It never came online since the hub started: say so once.
             self._state.bus.publish("device.offline", device_id=self.device_id, reason=reason)
         backoff = self.config.poll_interval_s * 2 ** min(stats.consecutive_failures - 1, 16)
         return float(min(self.config.max_backoff_s, backoff) * random.uniform(0.8, 1.2))
