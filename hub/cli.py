@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -94,6 +95,10 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
+    # Everything built so far lives as long as the hub: move it out of the collector's way, so full
+    # collections stay short (they were the main source of tail latency under load; see bench/api.py).
+    gc.collect()
+    gc.freeze()
     port = _bound_port(site, args.port)
     hub = app[hub_key]
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"

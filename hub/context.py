@@ -30,6 +30,8 @@ class HubContext:
     links: LinkManager
     alerts: Alerts
     started_at: float = field(default_factory=time.time)
+    #: The last ``/app/monitor`` body and the versions it was built from (see ``hub.api.routes``).
+    monitor_cache: tuple[tuple[object, ...], float, bytes] | None = None
 
 
 hub_key: web.AppKey[HubContext] = web.AppKey("hub", HubContext)

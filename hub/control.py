@@ -64,16 +64,20 @@ class ControlArbiter:
         self._clock = clock
         self._api: dict[str, Command] = {}
         self._schedules: dict[str, tuple[ScheduleSlot, ...]] = {}
+        #: Bumped on every change of commands or schedules (not on expiry, which is a matter of time).
+        self.version = 0
 
     def command(self, device_id: str, setpoint: Setpoint, ttl_s: float, issued_by: str | None) -> Command:
         """Set a direct (api-layer) command for ``ttl_s`` seconds."""
         now = self._clock()
         cmd = Command(setpoint, ControlSource.API, now, now + ttl_s, issued_by)
         self._api[device_id] = cmd
+        self.version += 1
         return cmd
 
     def release(self, device_id: str) -> bool:
         """End a direct command early.  Returns whether there was one."""
+        self.version += 1
         return self._api.pop(device_id, None) is not None
 
     def set_schedule(self, device_id: str, slots: Iterable[ScheduleSlot]) -> None:
@@ -81,6 +85,7 @@ class ControlArbiter:
         for a, b in itertools.pairwise(ordered):
             if b.start < a.end:
                 raise ValueError("schedule slots overlap")
+        self.version += 1
         if ordered:
             self._schedules[device_id] = ordered
         else:
@@ -90,6 +95,7 @@ class ControlArbiter:
         return self._schedules.get(device_id, ())
 
     def forget(self, device_id: str) -> None:
+        self.version += 1
         self._api.pop(device_id, None)
         self._schedules.pop(device_id, None)
 

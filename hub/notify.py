@@ -45,6 +45,8 @@ class Alerts:
         self._ids = itertools.count(1)
         self._alerts: OrderedDict[int, Alert] = OrderedDict()
         self._active: dict[tuple[str, str | None], int] = {}
+        #: Bumped whenever an alert is raised, cleared or acknowledged.
+        self.version = 0
         self.low_soc_pct = low_soc_pct
         self.max_temperature_c = max_temperature_c
 
@@ -60,6 +62,7 @@ class Alerts:
             _, old = self._alerts.popitem(last=False)
             if old.active:
                 self._active.pop((old.kind, old.device_id), None)
+        self.version += 1
         self._bus.publish("alert.raised", alert=alert_dict(alert))
         return alert
 
@@ -69,6 +72,7 @@ class Alerts:
             return
         alert = replace(self._alerts[alert_id], cleared_at=time.time())
         self._alerts[alert_id] = alert
+        self.version += 1
         self._bus.publish("alert.cleared", alert=alert_dict(alert))
 
     def set(self, condition: bool, kind: str, severity: str, device_id: str | None, message: str) -> None:
@@ -83,6 +87,7 @@ class Alerts:
             alert = self._alerts.get(alert_id)
             if alert is not None and not alert.acknowledged:
                 self._alerts[alert_id] = replace(alert, acknowledged=True)
+                self.version += 1
                 done.append(alert_id)
         return done
 

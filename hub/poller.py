@@ -117,6 +117,7 @@ class DeviceLink:
             await driver.close()
             msg = f"{self.record.address} now answers as {info.device_id}, not {self.device_id}"
             self.live.identity_mismatch = msg
+            self._state.changed()
             raise NotSupported(msg)
         self.live.identity_mismatch = None
         if self._on_identity is not None and (
@@ -124,6 +125,7 @@ class DeviceLink:
         ):
             self._on_identity(self.record, info)
         self._written = None  # a (re)connected module gets its command again
+        self._state.changed()
         return driver
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -186,6 +188,7 @@ class DeviceLink:
             self._state.set_online(self.device_id, False, reason)
             if self.live.telemetry is not None:
                 self.live.telemetry = self.live.telemetry.with_state(OperatingState.OFFLINE)
+                self._state.changed()
         elif stats.consecutive_failures == self.config.offline_after:
             # It never came online since the hub started: say so once.
             self._state.bus.publish("device.offline", device_id=self.device_id, reason=reason)
@@ -198,6 +201,7 @@ class DeviceLink:
         sample = replace(sample, ts=now)
         self.live.stats.ok(latency_ms, now)
         self.live.telemetry = sample
+        self._state.changed()
         if not self.live.online:
             _LOGGER.info("%s is online", self.device_id)
             self._state.set_online(self.device_id, True)
@@ -240,6 +244,7 @@ class DeviceLink:
                 raise
             self._written = cmd
             self._written_at = time.monotonic()
+            self._state.changed()
             self._state.bus.publish(
                 "control.applied",
                 device_id=self.device_id,

@@ -336,6 +336,8 @@ class Registry:
         self._write_lock = asyncio.Lock()  # keeps callers queued on the loop rather than in threads
         self._thread_lock = threading.Lock()  # guards the file and the cache against a cancelled caller
         self._closed = False
+        #: Bumped after every write; lets readers cache views of the registry.
+        self.version = 0
         _LOGGER.debug("registry %s opened with %d devices", self._path, len(self._records))
 
     @classmethod
@@ -461,7 +463,10 @@ class Registry:
         if self._closed:
             raise RegistryClosed(f"registry {self._path} is closed")
         async with self._write_lock:
-            return await asyncio.to_thread(self._run_locked, op)
+            try:
+                return await asyncio.to_thread(self._run_locked, op)
+            finally:
+                self.version += 1
 
     def _run_locked(self, op: Callable[[], _T]) -> _T:
         with self._thread_lock:

@@ -136,21 +136,29 @@ class LiveState:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
         self.devices: dict[str, DeviceLive] = {}
+        #: Bumped on every change (sample, online state, written command); lets the API cache its views.
+        self.version = 0
+
+    def changed(self) -> None:
+        self.version += 1
 
     def add(self, device_id: str, kind: DeviceKind) -> DeviceLive:
         live = self.devices.get(device_id)
         if live is None:
             live = self.devices[device_id] = DeviceLive(device_id, kind)
+            self.version += 1
         return live
 
     def remove(self, device_id: str) -> None:
         self.devices.pop(device_id, None)
+        self.version += 1
 
     def set_online(self, device_id: str, online: bool, reason: str | None = None) -> None:
         live = self.devices.get(device_id)
         if live is None or live.online == online:
             return
         live.online = online
+        self.version += 1
         live.online_since = time.time() if online else None
         self.bus.publish("device.online" if online else "device.offline", device_id=device_id, reason=reason)
 

@@ -847,9 +847,34 @@ def monitor(hub: HubContext) -> s.MonitorOut:
     )
 
 
+MONITOR_MAX_AGE_S = 1.0
+
+
+def monitor_body(hub: HubContext) -> bytes:
+    """The ``/app/monitor`` JSON, rebuilt only when something it shows has changed (or after at most
+    ``MONITOR_MAX_AGE_S``, for what changes with time alone, like a command's time-to-live running out).
+    Apps poll this and the push stream sends it every poll interval: most requests are served from here."""
+    key = (
+        hub.state.version,
+        hub.arbiter.version,
+        hub.registry.version,
+        hub.alerts.version,
+        hub.settings.hub.site_name,
+    )
+    now = time.monotonic()
+    cached = hub.monitor_cache
+    if cached is not None and cached[0] == key and now - cached[1] < MONITOR_MAX_AGE_S:
+        return cached[2]
+    body = monitor(hub).model_dump_json().encode()
+    hub.monitor_cache = (key, now, body)
+    return body
+
+
 @router.route("GET", "/app/monitor", summary="The whole home at a glance", tag="app", response=s.MonitorOut)
-async def app_monitor(call: Call[Empty, None]) -> s.MonitorOut:
-    return monitor(ctx(call))
+async def app_monitor(call: Call[Empty, None]) -> web.Response:
+    """Site power flows, every module with its latest sample and command, and the count of active alerts.
+    ``ts`` is when this view was assembled (at most a second before the request)."""
+    return web.Response(body=monitor_body(ctx(call)), content_type="application/json")
 
 
 @router.route(
@@ -908,12 +933,12 @@ async def app_stream(call: Call[s.StreamQuery, None]) -> web.StreamResponse:
     await resp.prepare(request)
     sub = hub.bus.subscribe()
     try:
-        await _send_event(resp, "monitor", monitor(hub).model_dump(mode="json"))
+        await _send_raw(resp, "monitor", monitor_body(hub))
         while True:
             try:
                 event = await asyncio.wait_for(sub.get(), hub.settings.hub.poll_interval_s)
             except TimeoutError:
-                await _send_event(resp, "monitor", monitor(hub).model_dump(mode="json"))
+                await _send_raw(resp, "monitor", monitor_body(hub))
                 continue
             if event is None:
                 break
@@ -926,7 +951,11 @@ async def app_stream(call: Call[s.StreamQuery, None]) -> web.StreamResponse:
 
 
 async def _send_event(resp: web.StreamResponse, name: str, data: dict[str, Any]) -> None:
-    await resp.write(f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
+    await _send_raw(resp, name, json.dumps(data, separators=(",", ":")).encode())
+
+
+async def _send_raw(resp: web.StreamResponse, name: str, data: bytes) -> None:
+    await resp.write(b"event: " + name.encode() + b"\ndata: " + data + b"\n\n")
 
 
 @router.route(
