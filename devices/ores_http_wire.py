@@ -6,20 +6,32 @@ Shared by the hub's driver (``devices.drivers.ores_http``) and the simulated mod
 the domain values of ``devices.model`` or raise a ``WireError`` whose message names the offending field:
 ``WireFormatError`` for a malformed body or wrong type, ``WireRangeError`` for a well-formed value out of
 range, ``WireUnsupportedError`` for a body that is not ORES-HTTP 1.x at all.  Unknown fields are ignored and
-unknown enum values map to ``UNKNOWN``, as the versioning rules require.
+unknown enum values map to ``UNKNOWN``, as the versioning rules require.  The authentication bodies (§6:
+challenge, certificate, credential) are here too; their cryptography lives in ``devices.attest``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, NotRequired, TypedDict
 
+from devices.attest import (
+    MAX_NONCE_LEN,
+    MIN_NONCE_LEN,
+    BadCertificate,
+    DeviceCertificate,
+    check_hub_id,
+    decode_b64,
+    encode_b64,
+)
 from devices.model import (
     Capabilities,
     DeviceInfo,
@@ -31,7 +43,10 @@ from devices.model import (
 )
 
 __all__ = [
+    "AUTH_CHALLENGE_PATH",
+    "AUTH_CREDENTIAL_PATH",
     "BASE_PATH",
+    "CREDENTIAL_BYTES",
     "MAX_BODY_BYTES",
     "MAX_REVERT_AFTER_S",
     "MAX_STRING_LEN",
@@ -40,6 +55,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SETPOINT_KIND",
     "ActiveSetpoint",
+    "AuthChallengeJSON",
+    "AuthChallengeReplyJSON",
+    "AuthCredentialJSON",
     "CapabilitiesJSON",
     "ControlJSON",
     "ControlRequest",
@@ -58,17 +76,25 @@ __all__ = [
     "WireRangeError",
     "WireUnsupportedError",
     "active_setpoint_to_wire",
+    "auth_challenge_reply_to_wire",
+    "auth_challenge_to_wire",
+    "auth_credential_to_wire",
     "capabilities_to_wire",
     "control_to_wire",
     "decode_json",
     "encode_json",
     "error_to_wire",
     "format_ts",
+    "generate_credential",
     "identity_to_wire",
     "parse_active_setpoint",
+    "parse_auth_challenge",
+    "parse_auth_challenge_reply",
+    "parse_auth_credential",
     "parse_control",
     "parse_error",
     "parse_identity",
+    "parse_identity_provisioned",
     "parse_status",
     "parse_telemetry",
     "parse_ts",
@@ -94,6 +120,12 @@ SETPOINT_KIND: Mapping[str, DeviceKind] = MappingProxyType(
         "on": DeviceKind.SMARTPLUG,
     }
 )
+
+#: Authentication endpoints (docs/module-protocol.md §6), relative to the base path.
+AUTH_CHALLENGE_PATH = "auth/challenge"
+AUTH_CREDENTIAL_PATH = "auth/credential"
+#: Random bytes in a credential the hub issues (sent as standard base64: 44 characters).
+CREDENTIAL_BYTES = 32
 
 _VERSION_RE = re.compile(r"^(\d{1,4})\.(\d{1,4})$")
 _MAX_TS_LEN = 64
@@ -149,6 +181,7 @@ class IdentityJSON(TypedDict):
     serial: str
     firmware_version: str
     capabilities: NotRequired[CapabilitiesJSON]
+    provisioned: NotRequired[bool]
 
 
 class FaultJSON(TypedDict):
@@ -193,6 +226,27 @@ class ControlJSON(TypedDict, total=False):
     on: bool
     release: bool
     revert_after_s: float
+
+
+class AuthChallengeJSON(TypedDict):
+    """``POST /auth/challenge`` request."""
+
+    nonce: str
+    hub_id: str
+
+
+class AuthChallengeReplyJSON(TypedDict):
+    """``POST /auth/challenge`` reply: the certificate's wire object and the challenge signature."""
+
+    certificate: dict[str, str]
+    signature: str
+
+
+class AuthCredentialJSON(TypedDict):
+    """``POST /auth/credential`` request."""
+
+    credential: str
+    hub_id: str
 
 
 class ErrorDetailJSON(TypedDict):
@@ -416,8 +470,9 @@ def capabilities_to_wire(caps: Capabilities) -> CapabilitiesJSON:
     }
 
 
-def identity_to_wire(info: DeviceInfo) -> IdentityJSON:
-    return {
+def identity_to_wire(info: DeviceInfo, *, provisioned: bool | None = None) -> IdentityJSON:
+    """The ``GET /identity`` body; ``provisioned`` is included when given (modules implementing §6)."""
+    body: IdentityJSON = {
         "protocol": PROTOCOL_NAME,
         "protocol_version": PROTOCOL_VERSION,
         "kind": info.kind.value,
@@ -427,6 +482,9 @@ def identity_to_wire(info: DeviceInfo) -> IdentityJSON:
         "firmware_version": info.identity.firmware_version,
         "capabilities": capabilities_to_wire(info.capabilities),
     }
+    if provisioned is not None:
+        body["provisioned"] = provisioned
+    return body
 
 
 def _parse_capabilities(value: object) -> Capabilities:
@@ -479,6 +537,13 @@ def parse_identity(value: object) -> DeviceInfo:
     )
     capabilities = _parse_capabilities(value.get("capabilities"))
     return DeviceInfo(kind=kind, identity=identity, capabilities=capabilities)
+
+
+def parse_identity_provisioned(value: object) -> bool | None:
+    """The ``provisioned`` flag of an identity body (``None`` when absent: a module without §6)."""
+    if not isinstance(value, dict):
+        return None
+    return _bool(value.get("provisioned"), "identity.provisioned")
 
 
 # -------------------- telemetry
@@ -652,6 +717,80 @@ def parse_status(value: object) -> ModuleStatus:
         faults=_parse_faults(_required(obj, "faults", "status")),
         active=ActiveSetpoint() if setpoint is None else parse_active_setpoint(setpoint, "status.setpoint"),
     )
+
+
+# -------------------- authentication (§6)
+
+
+def generate_credential() -> str:
+    """A fresh credential: ``CREDENTIAL_BYTES`` random bytes in standard base64 (a valid bearer token)."""
+    return base64.b64encode(secrets.token_bytes(CREDENTIAL_BYTES)).decode("ascii")
+
+
+def _b64_field(value: Mapping[str, object], key: str, where: str, *, length: int | None = None) -> bytes:
+    try:
+        return decode_b64(_required(value, key, where), f"{where}.{key}", length=length)
+    except ValueError as err:
+        raise WireFormatError(str(err), field=f"{where}.{key}") from err
+
+
+def _hub_id_field(obj: Mapping[str, object], where: str) -> str:
+    try:
+        return check_hub_id(_required(obj, "hub_id", where), f"{where}.hub_id")
+    except ValueError as err:
+        raise WireFormatError(str(err), field=f"{where}.hub_id") from err
+
+
+def auth_challenge_to_wire(nonce: bytes, hub_id: str) -> AuthChallengeJSON:
+    return {"nonce": encode_b64(nonce), "hub_id": hub_id}
+
+
+def parse_auth_challenge(value: object) -> tuple[bytes, str]:
+    """Parse a ``POST /auth/challenge`` body into (nonce, hub_id)."""
+    obj = _object(value, "challenge")
+    nonce = _b64_field(obj, "nonce", "challenge")
+    if not MIN_NONCE_LEN <= len(nonce) <= MAX_NONCE_LEN:
+        raise WireFormatError(
+            f"challenge.nonce: must be {MIN_NONCE_LEN}..{MAX_NONCE_LEN} bytes, got {len(nonce)}",
+            field="challenge.nonce",
+        )
+    return nonce, _hub_id_field(obj, "challenge")
+
+
+def auth_challenge_reply_to_wire(cert: DeviceCertificate, signature: bytes) -> AuthChallengeReplyJSON:
+    return {"certificate": cert.to_wire(), "signature": encode_b64(signature)}
+
+
+def parse_auth_challenge_reply(value: object) -> tuple[DeviceCertificate, bytes]:
+    """Parse a ``POST /auth/challenge`` reply into (certificate, signature).
+
+    A malformed certificate raises ``WireFormatError`` chained from ``devices.attest.BadCertificate``.  The
+    signatures are not verified here (``devices.attest.verify_attestation`` does that).
+    """
+    obj = _object(value, "challenge reply")
+    raw_cert = _required(obj, "certificate", "challenge reply")
+    try:
+        cert = DeviceCertificate.from_wire(raw_cert)
+    except BadCertificate as err:
+        raise WireFormatError(
+            f"challenge reply.certificate: {err}", field="challenge reply.certificate"
+        ) from err
+    signature = _b64_field(obj, "signature", "challenge reply", length=64)
+    return cert, signature
+
+
+def auth_credential_to_wire(credential: str, hub_id: str) -> AuthCredentialJSON:
+    return {"credential": credential, "hub_id": hub_id}
+
+
+def parse_auth_credential(value: object) -> tuple[str, str]:
+    """Parse a ``POST /auth/credential`` body into (credential, hub_id); the credential must be standard
+    base64 of exactly ``CREDENTIAL_BYTES`` bytes."""
+    obj = _object(value, "credential")
+    _b64_field(obj, "credential", "credential", length=CREDENTIAL_BYTES)
+    credential = obj["credential"]
+    assert isinstance(credential, str)  # decode_b64 accepted it
+    return credential, _hub_id_field(obj, "credential")
 
 
 # -------------------- errors

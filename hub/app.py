@@ -27,9 +27,11 @@ from hub.context import HubContext, hub_key
 from hub.control import ControlArbiter
 from hub.history import History
 from hub.notify import Alerts
+from hub.onboarding import Onboarding
 from hub.poller import LinkManager, PollConfig
 from hub.registry import Registry
 from hub.state import EventBus, LiveState
+from hub.trust import TrustStore
 
 _LOGGER = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -48,7 +50,9 @@ def build_context(config: HubConfig) -> HubContext:
     arbiter = ControlArbiter()
     links = LinkManager(registry, state, history, arbiter, PollConfig())
     alerts = Alerts(bus)
-    hub = HubContext(config, settings, registry, history, auth, bus, state, arbiter, links, alerts)
+    trust = TrustStore(data / "trust.json")
+    hub = HubContext(config, settings, registry, history, auth, bus, state, arbiter, links, alerts, trust)
+    hub.onboarding = Onboarding(hub)
     apply_hub_settings(hub)
     alerts.low_soc_pct = settings.app.low_soc_alert_pct
     alerts.max_temperature_c = settings.app.max_temperature_alert_c
@@ -74,13 +78,17 @@ def build_app(config: HubConfig) -> web.Application:
     if (STATIC_DIR / "index.html").exists():
         app.router.add_get("/", index)
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_discovery)
     return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     hub = app[hub_key]
+    if hub.config.trust_demo_vendor:
+        await _trust_demo_vendors(hub)
     await hub.history.start()
     hub.links.start_all()
+    hub.onboarding.start()
     evaluator = asyncio.create_task(_evaluate_alerts(hub), name="alerts")
     try:
         yield
@@ -89,10 +97,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await evaluator
         hub.bus.close()
+        await hub.onboarding.stop()
         await hub.links.stop()
         await hub.history.stop()
         hub.registry.close()
         await hub.auth.close()
+        await hub.trust.close()
 
 
 async def _evaluate_alerts(hub: HubContext) -> None:
@@ -102,3 +112,48 @@ async def _evaluate_alerts(hub: HubContext) -> None:
             hub.alerts.evaluate(hub.state, offline_after=hub.settings.hub.offline_after)
         except Exception:
             _LOGGER.exception("alert evaluation failed")
+
+
+async def _trust_demo_vendors(hub: HubContext) -> None:
+    """Demo mode only: trust the public demo vendor keys (see ``devices.attest.demo_vendor_key``)."""
+    from devices.attest import DEMO_VENDOR, demo_vendor_key
+    from devices.sim.physics import DEMO_VENDORS
+
+    for vendor in (DEMO_VENDOR, *DEMO_VENDORS):
+        await hub.trust.ensure(vendor, demo_vendor_key(vendor).public_key(), {"device", "firmware"})
+    _LOGGER.warning("demo mode: trusting the PUBLIC demo vendor keys; never do this on a real installation")
+
+
+async def _discovery(app: web.Application) -> AsyncIterator[None]:
+    """Browse mDNS and scan BLE for modules while the hub runs (when ``config.discovery`` is on)."""
+    hub = app[hub_key]
+    if not hub.config.discovery:
+        hub.discovery_status.update(mdns="off", ble="off")
+        yield
+        return
+    from zeroconf import InterfaceChoice
+    from zeroconf.asyncio import AsyncZeroconf
+
+    from discovery.ble import BleScanner
+    from discovery.mdns import MdnsBrowser
+
+    loopback = hub.config.host in ("127.0.0.1", "localhost", "::1")
+    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"] if loopback else InterfaceChoice.All)
+    browser = MdnsBrowser(hub.onboarding, zeroconf=zeroconf)
+    scanner = BleScanner(hub.onboarding)
+    await browser.start()
+    hub.discovery_status["mdns"] = "running" + (" (loopback only)" if loopback else "")
+    hub.discovery_rescans.append(browser.rescan)
+    try:
+        await scanner.start()
+        hub.discovery_status["ble"] = (
+            "running" if scanner.running else f"unavailable: {scanner.unavailable_reason}"
+        )
+    except Exception as err:  # no adapter, no permission: the hub runs on without BLE
+        hub.discovery_status["ble"] = f"unavailable: {err}"
+    try:
+        yield
+    finally:
+        await scanner.stop()
+        await browser.stop()
+        await zeroconf.async_close()

@@ -23,9 +23,9 @@ from aiohttp import web
 from devices.sim.base import SimServer
 from hub import __version__
 from hub.app import build_app
+from hub.auth import AuthError
 from hub.config import DEFAULT_DEVICE_NETWORKS, HubConfig
 from hub.context import HubContext, hub_key
-from hub.auth import AuthError
 from hub.register import register_module
 from hub.registry import RegistryError
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,9 @@ DEFAULT_DEVICE_NETWORKS = (
 )
 
 
+_HUB_ID = re.compile(r"hub-[0-9a-f]{16}")
+
+
 @dataclass(frozen=True, slots=True)
 class HubConfig:
     data_dir: Path
@@ -42,6 +47,10 @@ class HubConfig:
     device_networks: tuple[str, ...] = DEFAULT_DEVICE_NETWORKS
     #: Accept ``NAME.local`` host names (resolved by mDNS on the LAN) besides IP literals.
     allow_local_names: bool = True
+    #: Browse mDNS and scan BLE for modules, and advertise the hub (off in unit tests that don't need it).
+    discovery: bool = False
+    #: Trust the public, insecure demo vendor key (only for ``--demo``).
+    trust_demo_vendor: bool = False
 
 
 class HubSettings(BaseModel):
@@ -67,6 +76,11 @@ class HubSettings(BaseModel):
     retention_1m_days: float = Field(35.0, ge=1, le=3650, description="How long 1-minute aggregates are kept")
     retention_15m_days: float = Field(
         1830.0, ge=1, le=36500, description="How long 15-minute aggregates are kept"
+    )
+    onboarding_policy: Literal["approve", "auto"] = Field(
+        "approve",
+        description="approve: a user approves each discovered module; auto: modules that prove their identity "
+        "with a trusted vendor certificate are registered at once while a pairing window is open",
     )
 
     @model_validator(mode="after")
@@ -94,25 +108,40 @@ class AppSettings(BaseModel):
 
 
 class SettingsStore:
-    """Both settings documents, persisted together and atomically."""
+    """Both settings documents and the hub's id, persisted together and atomically.
+
+    The hub id is made once, at first start, and never changes: modules learn it when they are provisioned
+    and sign it into every authentication answer, so an answer meant for one hub is useless to another.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._lock = asyncio.Lock()
         self.hub = HubSettings()
         self.app = AppSettings()
+        self.hub_id = ""
+        raw: dict[str, Any] = {}
         if path.exists():
             try:
-                raw: dict[str, Any] = json.loads(path.read_bytes())
+                raw = json.loads(path.read_bytes())
                 self.hub = HubSettings.model_validate(raw.get("hub", {}))
                 self.app = AppSettings.model_validate(raw.get("app", {}))
-            except (ValueError, ValidationError) as err:
+            except (ValueError, ValidationError, AttributeError) as err:
                 raise ValueError(f"{path} is not a valid settings file: {err}") from err
+        hub_id = raw.get("hub_id")
+        if isinstance(hub_id, str) and _HUB_ID.fullmatch(hub_id):
+            self.hub_id = hub_id
+        else:
+            self.hub_id = "hub-" + secrets.token_hex(8)
+            atomic_write_bytes(self._path, self._document(self.hub, self.app))
+
+    def _document(self, hub: HubSettings, app: AppSettings) -> bytes:
+        doc = {"hub_id": self.hub_id, "hub": hub.model_dump(), "app": app.model_dump()}
+        return json.dumps(doc, indent=1).encode()
 
     async def save(self, *, hub: HubSettings | None = None, app: AppSettings | None = None) -> None:
         async with self._lock:
             new_hub = hub or self.hub
             new_app = app or self.app
-            data = json.dumps({"hub": new_hub.model_dump(), "app": new_app.model_dump()}, indent=1).encode()
-            await asyncio.to_thread(atomic_write_bytes, self._path, data)
+            await asyncio.to_thread(atomic_write_bytes, self._path, self._document(new_hub, new_app))
             self.hub, self.app = new_hub, new_app

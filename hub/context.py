@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,6 +17,10 @@ from hub.notify import Alerts
 from hub.poller import LinkManager
 from hub.registry import Registry
 from hub.state import EventBus, LiveState
+from hub.trust import TrustStore
+
+if TYPE_CHECKING:
+    from hub.onboarding import Onboarding
 
 
 @dataclass(slots=True)
@@ -29,7 +35,12 @@ class HubContext:
     arbiter: ControlArbiter
     links: LinkManager
     alerts: Alerts
+    trust: TrustStore
+    onboarding: Onboarding = field(init=False)
     started_at: float = field(default_factory=time.time)
+    #: State of each discovery source ("running", "off", "unavailable: ...") and their re-scan functions.
+    discovery_status: dict[str, str] = field(default_factory=dict)
+    discovery_rescans: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: The last ``/app/monitor`` body and the versions it was built from (see ``hub.api.routes``).
     monitor_cache: tuple[tuple[object, ...], float, bytes] | None = None
 

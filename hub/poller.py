@@ -97,7 +97,12 @@ class DeviceLink:
         address = Address.parse(self.record.address)
         if self._driver_factory is not None:
             return self._driver_factory(address, self.config.timeout_s)
-        return driver_for_protocol(self.record.protocol)(address, timeout=self.config.timeout_s)
+        driver = driver_for_protocol(self.record.protocol)(address, timeout=self.config.timeout_s)
+        credential = self.record.settings.get("credential")
+        set_credential = getattr(driver, "set_credential", None)
+        if credential and set_credential is not None:
+            set_credential(credential)  # a provisioned module answers only with its credential
+        return driver
 
     async def _close_driver(self) -> None:
         driver, self._driver = self._driver, None

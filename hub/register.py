@@ -9,10 +9,8 @@ alert, because that is what a swapped or spoofed device looks like.
 from __future__ import annotations
 
 import ipaddress
-import time
 
-from devices.drivers.base import Address, probe_address
-from devices.model import DeviceKind
+from devices.drivers.base import Address
 from hub.context import HubContext
 from hub.registry import DeviceRecord
 
@@ -39,6 +37,8 @@ class AddressNotAllowed(RegistrationError):
 
 def check_address(address: Address, networks: tuple[str, ...], allow_local_names: bool) -> None:
     """Refuse addresses the hub must not contact: public IPs and arbitrary host names."""
+    if address.scheme == "ble":
+        return  # a radio neighbour: local by nature
     try:
         ip = ipaddress.ip_address(address.host)
     except ValueError:
@@ -54,12 +54,11 @@ def check_address(address: Address, networks: tuple[str, ...], allow_local_names
 async def register_module(
     hub: HubContext, address: Address, *, protocol: str | None = None, name: str | None = None
 ) -> tuple[DeviceRecord, bool]:
-    """Probe ``address`` and register what answers.  Returns the record and whether it is new."""
+    """Probe ``address``, authenticate what answers if it can, and register it.  Returns the record and
+    whether it is new.  Typing an address is an explicit approval, so unauthenticated modules are accepted."""
     check_address(address, hub.config.device_networks, hub.config.allow_local_names)
-    driver, info = await probe_address(address, protocol=protocol, timeout=hub.settings.hub.timeout_s)
+    driver, info, proven = await hub.onboarding.identify(address, protocol, claimed=None)
     await driver.close()
-    if info.kind is DeviceKind.UNKNOWN:
-        raise UnknownKind("the module did not say what kind of device it is")
     clash = hub.registry.find_by_address(str(address))
     if clash is not None and clash.device_id != info.device_id:
         hub.alerts.raise_(
@@ -69,21 +68,4 @@ async def register_module(
             f"{address} now answers as {info.device_id}, registered as {clash.device_id}",
         )
         raise AddressInUse(str(address), clash.device_id, info.device_id)
-    existing = hub.registry.get(info.device_id)
-    caps = info.capabilities
-    record = DeviceRecord(
-        device_id=info.device_id,
-        kind=info.kind,
-        identity=info.identity,
-        capabilities=caps,
-        address=str(address),
-        protocol=driver.protocol,
-        name=name or (existing.name if existing else f"{info.identity.model} {info.identity.serial}"),
-        authenticated=False,
-        registered_at=existing.registered_at if existing else time.time(),
-        settings=existing.settings if existing else {},
-    )
-    record, created = await hub.registry.upsert(record)
-    hub.links.add(record)
-    hub.bus.publish("device.registered" if created else "device.updated", device_id=record.device_id)
-    return record, created
+    return await hub.onboarding.register(address, driver.protocol, info, proven, name=name, by="address")

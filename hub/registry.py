@@ -52,7 +52,7 @@ TABLE_NAME = "devices"
 
 #: Fields ``Registry.update`` may change (identity, device id and registration time are fixed).
 UPDATABLE_FIELDS = frozenset(
-    {"kind", "capabilities", "address", "protocol", "name", "authenticated", "settings"}
+    {"kind", "identity", "capabilities", "address", "protocol", "name", "authenticated", "settings"}
 )
 
 
@@ -411,8 +411,8 @@ class Registry:
     async def update(self, device_id: str, /, **changes: Any) -> DeviceRecord:
         """Change some fields of a registered module; returns the new record.
 
-        Allowed fields: kind, capabilities, address, protocol, name, authenticated, settings (replaced
-        whole).  Raises ``UnknownDevice`` or ``ValueError`` (field not allowed or of the wrong type).
+        Allowed fields: kind, identity (model and firmware version; vendor and serial are the id),
+        capabilities, address, protocol, name, authenticated, settings (replaced whole).  Raises ``UnknownDevice`` or ``ValueError`` (field not allowed or of the wrong type).
         """
         _validate_changes(changes)
 
@@ -421,6 +421,8 @@ class Registry:
             if existing is None:
                 raise UnknownDevice(f"no registered device {device_id!r}")
             new = replace(existing, **changes)
+            if new.identity.device_id != existing.device_id:
+                raise ValueError("an identity change may not change vendor or serial (the device id)")
             if new != existing:
                 self._store(new)
             return new
@@ -487,6 +489,7 @@ class Registry:
 
 _CHANGE_TYPES: dict[str, type | tuple[type, ...]] = {
     "kind": DeviceKind,
+    "identity": Identity,
     "capabilities": Capabilities,
     "address": str,
     "protocol": str,

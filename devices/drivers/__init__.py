@@ -11,7 +11,8 @@ __all__ = ["Address", "Driver", "load_builtin_drivers", "probe_address", "regist
 
 def load_builtin_drivers() -> None:
     """Import (and so register) the built-in driver plugins.  Idempotent."""
-    from devices.drivers import ores_http, sunspec
+    from devices.drivers import ble, ores_http, sunspec
 
     register_driver(ores_http.OresHttpDriver)
     register_driver(sunspec.SunSpecDriver)
+    register_driver(ble.BleGattDriver)

@@ -10,6 +10,7 @@ that every protocol gets the same behaviour.  Plugins register with ``register_d
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
@@ -18,6 +19,7 @@ from devices.errors import DeviceError, NotSupported
 from devices.model import DeviceInfo, Setpoint, Telemetry
 
 _LOGGER = logging.getLogger(__name__)
+_BLE_ADDRESS = re.compile(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}|[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
 
 DEFAULT_TIMEOUT_S = 2.0
 
@@ -27,7 +29,8 @@ class Address:
     """Where a module answers, as a URL-like string.
 
     ``modbus://HOST:PORT?unit=N`` for SunSpec Modbus TCP (port defaults to 502, unit to 1);
-    ``http://HOST:PORT/BASE`` for ORES-HTTP (base path defaults to ``/ores/v1``).
+    ``http://HOST:PORT/BASE`` for ORES-HTTP (base path defaults to ``/ores/v1``);
+    ``ble://AA:BB:CC:DD:EE:FF`` for a BLE module (the host is its Bluetooth address; port 0).
     """
 
     scheme: str
@@ -41,6 +44,11 @@ class Address:
         """Parse an address; raises ``ValueError`` with a readable reason."""
         if "://" not in text:
             raise ValueError("address must look like modbus://host:port or http://host:port/path")
+        if text.strip().lower().startswith("ble://"):
+            ble = text.strip()[6:]
+            if not _BLE_ADDRESS.fullmatch(ble):
+                raise ValueError("a BLE address looks like ble://AA:BB:CC:DD:EE:FF")
+            return cls("ble", ble.upper(), 0)
         parts = urlsplit(text.strip())
         scheme = parts.scheme.lower()
         if scheme not in ("modbus", "http"):
@@ -64,6 +72,8 @@ class Address:
         return cls("http", parts.hostname, port or 80, path)
 
     def __str__(self) -> str:
+        if self.scheme == "ble":
+            return f"ble://{self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.scheme == "modbus":
             return f"modbus://{host}:{self.port}?unit={self.unit}"

@@ -7,7 +7,10 @@ every response body is capped at 64 KiB.  Wire problems become ``devices.errors`
 reason: no answer → ``DeviceUnreachable``; malformed, oversized or out-of-spec answers → ``ProtocolError``;
 401/403 → ``AuthenticationFailed``; a refused control → ``CommandRejected`` carrying the module's message;
 an address that answers HTTP but not ORES-HTTP 1.x → ``NotSupported`` (from ``probe``).  Parsing lives in
-``devices.ores_http_wire``, shared with the simulated module server.
+``devices.ores_http_wire``, shared with the simulated module server.  The authentication of §6 is here too:
+``authenticate`` fetches the module's certificate and its signature over the hub's nonce (verification is
+``devices.attest.verify_attestation``'s job), ``provision``/``deprovision`` set and clear the module's
+credential, and ``set_credential`` changes the bearer the driver sends.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import ClassVar, Final
 import aiohttp
 from yarl import URL
 
+from devices.attest import DeviceCertificate, challenge_message
 from devices.drivers.base import DEFAULT_TIMEOUT_S, Address
 from devices.errors import (
     AuthenticationFailed,
@@ -30,18 +34,24 @@ from devices.errors import (
 )
 from devices.model import DeviceInfo, Setpoint, Telemetry
 from devices.ores_http_wire import (
+    AUTH_CHALLENGE_PATH,
+    AUTH_CREDENTIAL_PATH,
     MAX_BODY_BYTES,
     SETPOINT_KIND,
     ActiveSetpoint,
     ModuleStatus,
     WireError,
     WireUnsupportedError,
+    auth_challenge_to_wire,
+    auth_credential_to_wire,
     control_to_wire,
     decode_json,
     encode_json,
     parse_active_setpoint,
+    parse_auth_challenge_reply,
     parse_error,
     parse_identity,
+    parse_identity_provisioned,
     parse_status,
     parse_telemetry,
 )
@@ -82,6 +92,13 @@ def parse_identity_body(body: bytes) -> DeviceInfo:
         raise ProtocolError(str(err)) from err
 
 
+def _check_credential(credential: str | None) -> None:
+    if credential is not None and (
+        not credential or not credential.isascii() or not credential.isprintable() or " " in credential
+    ):
+        raise ValueError("credential must be non-empty printable ASCII without spaces")
+
+
 def _describe_error(status: int, body: bytes) -> str:
     """``HTTP 422 out_of_range: power_limit_pct must be 0..100`` from an error response."""
     info = parse_error(body)
@@ -108,21 +125,26 @@ class OresHttpDriver:
             raise ValueError(f"ORES-HTTP needs an http:// address, not {address}")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
-        if credential is not None and (
-            not credential or not credential.isascii() or not credential.isprintable() or " " in credential
-        ):
-            raise ValueError("credential must be non-empty printable ASCII without spaces")
+        _check_credential(credential)
         self.address = address
         self._timeout = timeout
         base = str(address)
         self._urls: dict[str, URL] = {
-            name: URL(f"{base}/{name}") for name in ("identity", "status", "telemetry", "control")
+            name: URL(f"{base}/{name}")
+            for name in (
+                "identity",
+                "status",
+                "telemetry",
+                "control",
+                AUTH_CHALLENGE_PATH,
+                AUTH_CREDENTIAL_PATH,
+            )
         }
         self._headers: dict[str, str] = {"Accept": "application/json", "Accept-Encoding": "identity"}
-        if credential is not None:
-            self._headers["Authorization"] = f"Bearer {credential}"
+        self._credential = credential  # sent per request, so that set_credential takes effect at once
         self._session: aiohttp.ClientSession | None = None
         self._info: DeviceInfo | None = None
+        self._provisioned: bool | None = None
         self._last_logged: str | None = None
 
     def __repr__(self) -> str:
@@ -132,6 +154,23 @@ class OresHttpDriver:
     def info(self) -> DeviceInfo | None:
         """What the last successful ``probe`` learnt, if any."""
         return self._info
+
+    @property
+    def provisioned(self) -> bool | None:
+        """The ``provisioned`` flag of the last successful ``probe`` (``None``: the module did not say, so it
+        predates §6 or was not probed)."""
+        return self._provisioned
+
+    @property
+    def has_credential(self) -> bool:
+        """Whether the driver sends a bearer credential."""
+        return self._credential is not None
+
+    def set_credential(self, credential: str | None) -> None:
+        """Send ``Authorization: Bearer <credential>`` from now on (``None``: send none).  Raises
+        ``ValueError`` for a credential that is not a valid header token."""
+        _check_credential(credential)
+        self._credential = credential
 
     # ------------------------------------------------------------------ Driver operations
 
@@ -144,10 +183,14 @@ class OresHttpDriver:
         self._check_status("GET", "identity", status, body)
         try:
             info = parse_identity_body(body)
+            provisioned = parse_identity_provisioned(decode_json(body))
+        except WireError as err:
+            raise self._fail(ProtocolError(str(err))) from err
         except DeviceError as err:
             self._fail(err)
             raise
         self._info = info
+        self._provisioned = provisioned
         self._succeeded()
         return info
 
@@ -210,6 +253,60 @@ class OresHttpDriver:
         self._succeeded()
         return active
 
+    # ------------------------------------------------------------------ authentication (§6)
+
+    async def authenticate(self, nonce: bytes, hub_id: str) -> tuple[DeviceCertificate, bytes]:
+        """``POST /auth/challenge``: the module's certificate and its signature over the challenge message.
+
+        Nothing is verified here: pass the result to ``devices.attest.verify_attestation``.  Raises
+        ``NotSupported`` when the module does not implement §6 (404), ``ProtocolError`` for a malformed answer
+        (a malformed certificate included), ``ValueError`` for a malformed nonce or hub id.
+        """
+        payload = encode_json(auth_challenge_to_wire(nonce, _checked_hub_id(nonce, hub_id)))
+        status, body = await self._exchange("POST", AUTH_CHALLENGE_PATH, payload)
+        if status in (404, 405, 501):
+            raise self._fail(
+                NotSupported(
+                    f"POST {AUTH_CHALLENGE_PATH} answered {_describe_error(status, body)}: no §6 authentication"
+                )
+            )
+        self._check_status("POST", AUTH_CHALLENGE_PATH, status, body)
+        try:
+            result = parse_auth_challenge_reply(decode_json(body))
+        except WireError as err:
+            raise self._fail(ProtocolError(f"POST {AUTH_CHALLENGE_PATH}: {err}")) from err
+        self._succeeded()
+        return result
+
+    async def provision(self, credential: str, hub_id: str) -> None:
+        """``POST /auth/credential``: give the module ``credential`` (from ``generate_credential``) and use it
+        from now on.  Sent with the current credential, if any (a re-key).  Raises ``AuthenticationFailed``
+        when the module refuses (it belongs to another hub, or our current credential is wrong),
+        ``NotSupported`` (404) for a module without §6, ``ProtocolError`` for other refusals."""
+        _check_credential(credential)
+        payload = encode_json(auth_credential_to_wire(credential, hub_id))
+        status, body = await self._exchange("POST", AUTH_CREDENTIAL_PATH, payload)
+        self._check_auth_status("POST", status, body)
+        self._credential = credential
+        self._provisioned = True
+        self._succeeded()
+
+    async def deprovision(self) -> None:
+        """``DELETE /auth/credential``: the module forgets its credential and is unprovisioned again (the hub
+        calls it when a module is removed).  The driver then sends no credential."""
+        status, body = await self._exchange("DELETE", AUTH_CREDENTIAL_PATH)
+        self._check_auth_status("DELETE", status, body)
+        self._credential = None
+        self._provisioned = False
+        self._succeeded()
+
+    def _check_auth_status(self, method: str, status: int, body: bytes) -> None:
+        if status in (404, 405, 501):
+            raise self._fail(
+                NotSupported(f"{method} {AUTH_CREDENTIAL_PATH} answered {_describe_error(status, body)}")
+            )
+        self._check_status(method, AUTH_CREDENTIAL_PATH, status, body)
+
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None and not session.closed:
@@ -232,7 +329,11 @@ class OresHttpDriver:
         """One request; returns (status, body).  Raises ``DeviceUnreachable`` or ``ProtocolError``."""
         session = self._ensure_session()
         url = self._urls[endpoint]
-        headers = {"Content-Type": "application/json"} if payload is not None else None
+        headers: dict[str, str] = {}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        if self._credential is not None:
+            headers["Authorization"] = f"Bearer {self._credential}"
         try:
             async with asyncio.timeout(self._timeout):
                 async with session.request(method, url, data=payload, headers=headers) as response:
@@ -283,6 +384,12 @@ class OresHttpDriver:
 
     def _succeeded(self) -> None:
         self._last_logged = None
+
+
+def _checked_hub_id(nonce: bytes, hub_id: str) -> str:
+    """Refuse locally what no module would sign (``ValueError``)."""
+    challenge_message(nonce, hub_id)
+    return hub_id
 
 
 async def _read_capped(stream: aiohttp.StreamReader) -> bytes:

@@ -2,8 +2,11 @@
 
 It follows docs/module-protocol.md exactly: ``GET /identity``, ``/status`` and ``/telemetry`` and
 ``POST /control`` under ``/ores/v1``, the JSON error body with the documented status codes, the 64 KiB body
-cap, and, when started with a ``credential``, the ``Authorization: Bearer`` check on everything but
-``/identity``.  It validates control bodies itself (type and range per the protocol, kind applicability,
+cap, and the ``Authorization: Bearer`` check on everything but ``/identity`` (and ``/auth/challenge``) once
+it holds a credential.  Started with a ``SimAttestation`` it implements the authentication of §6: it answers
+challenges with its certificate and device-key signature, and takes a credential from a hub while
+unprovisioned (or from the hub that holds the current one), reporting ``provisioned`` in ``/identity``;
+without one it answers 404 there, like a module that predates §6.  It validates control bodies itself (type and range per the protocol, kind applicability,
 battery power limits, controllability, fault state) and passes accepted setpoints to the module, turning a
 ``ValueError`` from ``module.apply`` into ``422 out_of_range``.  It tracks the active setpoint and its
 watchdog for ``/status``; the module itself performs the revert (``SimulatedModule.apply`` contract).  A
@@ -20,9 +23,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 
+from devices.attest import SimAttestation
 from devices.drivers.base import Address
 from devices.model import DeviceKind, OperatingState, Setpoint
 from devices.ores_http_wire import (
+    AUTH_CHALLENGE_PATH,
+    AUTH_CREDENTIAL_PATH,
     BASE_PATH,
     MAX_BODY_BYTES,
     SETPOINT_KIND,
@@ -32,11 +38,14 @@ from devices.ores_http_wire import (
     WireError,
     WireRangeError,
     active_setpoint_to_wire,
+    auth_challenge_reply_to_wire,
     control_to_wire,
     decode_json,
     encode_json,
     error_to_wire,
     identity_to_wire,
+    parse_auth_challenge,
+    parse_auth_credential,
     parse_control,
     status_to_wire,
     telemetry_to_wire,
@@ -95,15 +104,27 @@ def _field_name(path: str | None) -> str | None:
     return None if path is None else path.removeprefix("control.")
 
 
+def _field_details(err: WireError) -> dict[str, Any]:
+    return {} if err.field is None else {"field": err.field.rpartition(".")[2]}
+
+
 class OresHttpSimServer:
     """One simulated module served over ORES-HTTP (satisfies ``devices.sim.base.SimServer``).
 
     Create it with ``start_ores_http_server``.
     """
 
-    def __init__(self, module: SimulatedModule, *, credential: str | None = None) -> None:
+    def __init__(
+        self,
+        module: SimulatedModule,
+        *,
+        credential: str | None = None,
+        attestation: SimAttestation | None = None,
+    ) -> None:
         self._module = module
         self._credential = None if credential is None else credential.encode("utf-8")
+        self._attestation = attestation
+        self._hub_id: str | None = None
         self._runner: web.AppRunner | None = None
         self._address: Address | None = None
         self._started_at = time.monotonic()
@@ -119,6 +140,25 @@ class OresHttpSimServer:
     @property
     def module(self) -> SimulatedModule:
         return self._module
+
+    @property
+    def attestation(self) -> SimAttestation | None:
+        return self._attestation
+
+    @property
+    def provisioned(self) -> bool:
+        """Whether the module holds a credential (and so requires it)."""
+        return self._credential is not None
+
+    @property
+    def credential(self) -> str | None:
+        """The credential the module currently requires, if any."""
+        return None if self._credential is None else self._credential.decode("utf-8")
+
+    @property
+    def hub_id(self) -> str | None:
+        """The hub that provisioned the current credential over ``/auth/credential``, if any."""
+        return self._hub_id
 
     @property
     def active_setpoint(self) -> ActiveSetpoint:
@@ -138,6 +178,10 @@ class OresHttpSimServer:
         app.router.add_get(f"{BASE_PATH}/status", self._status)
         app.router.add_get(f"{BASE_PATH}/telemetry", self._telemetry)
         app.router.add_post(f"{BASE_PATH}/control", self._control)
+        if self._attestation is not None:
+            app.router.add_post(f"{BASE_PATH}/{AUTH_CHALLENGE_PATH}", self._auth_challenge)
+            app.router.add_post(f"{BASE_PATH}/{AUTH_CREDENTIAL_PATH}", self._set_credential)
+            app.router.add_delete(f"{BASE_PATH}/{AUTH_CREDENTIAL_PATH}", self._delete_credential)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -159,9 +203,11 @@ class OresHttpSimServer:
 
     # ------------------------------------------------------------------ middleware
 
+    _open_paths = frozenset({f"{BASE_PATH}/identity", f"{BASE_PATH}/{AUTH_CHALLENGE_PATH}"})
+
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if self._credential is None or request.path == f"{BASE_PATH}/identity":
+        if self._credential is None or request.path in self._open_paths:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -174,7 +220,44 @@ class OresHttpSimServer:
     # ------------------------------------------------------------------ endpoints
 
     async def _identity(self, request: web.Request) -> web.Response:
-        return _json_response(identity_to_wire(self._module.info))
+        implements_auth = self._attestation is not None or self._credential is not None
+        provisioned = self._credential is not None if implements_auth else None
+        return _json_response(identity_to_wire(self._module.info, provisioned=provisioned))
+
+    async def _auth_challenge(self, request: web.Request) -> web.Response:
+        """§6.3: sign the hub's nonce with the device key; always open."""
+        assert self._attestation is not None  # the route exists only with one
+        try:
+            nonce, hub_id = parse_auth_challenge(decode_json(await request.read()))
+        except WireError as err:
+            raise _ApiError(400, "bad_request", str(err), _field_details(err)) from err
+        cert, signature = self._attestation.respond(nonce, hub_id)
+        return _json_response(auth_challenge_reply_to_wire(cert, signature))
+
+    async def _set_credential(self, request: web.Request) -> web.Response:
+        """§6.4: take a credential; open while unprovisioned, otherwise the auth middleware demanded the
+        current one (a re-key)."""
+        try:
+            credential, hub_id = parse_auth_credential(decode_json(await request.read()))
+        except WireError as err:
+            raise _ApiError(400, "bad_request", str(err), _field_details(err)) from err
+        rekey = self._credential is not None
+        self._credential = credential.encode("utf-8")
+        self._hub_id = hub_id
+        _LOGGER.info(
+            "ORES-HTTP sim %s: %s by hub %r",
+            self._module.info.device_id,
+            "re-keyed" if rekey else "provisioned",
+            hub_id,
+        )
+        return web.Response(status=204)
+
+    async def _delete_credential(self, request: web.Request) -> web.Response:
+        """§6.4: forget the credential (the auth middleware checked it); idempotent when unprovisioned."""
+        self._credential = None
+        self._hub_id = None
+        _LOGGER.info("ORES-HTTP sim %s: deprovisioned", self._module.info.device_id)
+        return web.Response(status=204)
 
     async def _telemetry(self, request: web.Request) -> web.Response:
         return _json_response(telemetry_to_wire(self._module.telemetry()))
@@ -304,9 +387,18 @@ async def _error_middleware(request: web.Request, handler: _Handler) -> web.Stre
 
 
 async def start_ores_http_server(
-    module: SimulatedModule, *, host: str = "127.0.0.1", port: int = 0, credential: str | None = None
+    module: SimulatedModule,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    credential: str | None = None,
+    attestation: SimAttestation | None = None,
 ) -> OresHttpSimServer:
-    """Serve ``module`` over ORES-HTTP on ``host:port`` (0 = an ephemeral port, see ``.address``)."""
-    server = OresHttpSimServer(module, credential=credential)
+    """Serve ``module`` over ORES-HTTP on ``host:port`` (0 = an ephemeral port, see ``.address``).
+
+    With ``attestation`` the module implements the authentication endpoints of §6; it starts unprovisioned
+    unless ``credential`` is given (then it is provisioned with it, as if by an earlier hub).
+    """
+    server = OresHttpSimServer(module, credential=credential, attestation=attestation)
     await server.start(host, port)
     return server

@@ -1397,6 +1397,10 @@ class SimulatedHome:
 # --------------------------------------------------------------------------------------------------- demo
 
 
+#: The invented vendors of the demo home (each has a public demo key: ``devices.attest.demo_vendor_key``).
+DEMO_VENDORS = ("Helio Demo", "Voltacell Demo", "Gridwise Demo", "Plugly Demo")
+
+
 def build_demo_home(
     *,
     speedup: float = 1.0,

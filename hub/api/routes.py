@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from devices.attest import AttestationError
 from devices.drivers.base import Address
 from devices.errors import DeviceError, DeviceUnreachable, NotSupported, ProtocolError
 from devices.model import DeviceKind, Setpoint
@@ -29,7 +30,8 @@ from hub.context import HubContext, hub_key
 from hub.control import Command, ControlSource
 from hub.history import Retention, pick_resolution
 from hub.notify import Alert
-from hub.register import AddressInUse, AddressNotAllowed, UnknownKind, register_module
+from hub.onboarding import CandidateNotFound, NotApprovable, OnboardingError
+from hub.register import AddressInUse, AddressNotAllowed, register_module
 from hub.registry import DeviceRecord
 from hub.state import site_flows
 
@@ -454,41 +456,56 @@ async def devices_list(call: Call[Empty, None]) -> s.DeviceList:
 @router.route(
     "POST",
     "/device/register",
-    summary="Register a module by address",
+    summary="Register a module: approve a discovered one, or by address",
     tag="device",
     role=Role.HOMEOWNER,
     body=s.RegisterIn,
     response=s.DeviceOut,
     status=201,
     also=(200,),
-    errors=(409,),
+    errors=(404, 409),
 )
 async def device_register(call: Call[Empty, s.RegisterIn]) -> s.DeviceOut:
     """Probes the address (ORES-HTTP, then SunSpec Modbus TCP, unless ``protocol`` is given), reads the
     module's identity and registers it.  The same module at a new address keeps its id and history; a
     different module at an address already registered is refused with 409."""
     hub = ctx(call)
+    b = call.body
+    by = call.token.name if call.token else None
+    if (b.address is None) == (b.candidate_id is None):
+        raise ApiError(422, "invalid_body", "give exactly one of address and candidate_id")
     try:
-        address = Address.parse(call.body.address)
-    except ValueError as err:
-        raise ApiError(422, "invalid_address", str(err), [{"loc": ["address"], "msg": str(err)}]) from err
-    try:
-        record, created = await register_module(
-            hub, address, protocol=call.body.protocol, name=call.body.name
-        )
+        if b.candidate_id is not None:
+            created = hub.registry.get(b.candidate_id) is None
+            record = await hub.onboarding.approve(b.candidate_id, name=b.name, by=by)
+        else:
+            assert b.address is not None
+            try:
+                address = Address.parse(b.address)
+            except ValueError as err:
+                raise ApiError(
+                    422, "invalid_address", str(err), [{"loc": ["address"], "msg": str(err)}]
+                ) from err
+            record, created = await register_module(hub, address, protocol=b.protocol, name=b.name)
+    except CandidateNotFound as err:
+        raise ApiError(404, "not_found", str(err)) from err
+    except NotApprovable as err:
+        raise ApiError(409, "not_approvable", str(err)) from err
     except (DeviceUnreachable, NotSupported, ProtocolError) as err:
-        # Nothing usable answers at the address the caller gave: a problem with the request, not the hub.
+        # Nothing usable answers at the address: a problem with the request, not with the hub.
         code = {DeviceUnreachable: "device_unreachable", NotSupported: "not_supported"}.get(
             type(err), "protocol_error"
         )
         raise ApiError(
-            422, code, f"no supported module at {address}: {err}", [{"loc": ["address"], "msg": str(err)}]
+            422, code, f"no supported module there: {err}", [{"loc": ["address"], "msg": str(err)}]
         ) from err
+    except AttestationError as err:
+        raise ApiError(422, "authentication_failed", f"the module failed authentication: {err}") from err
     except AddressInUse as err:
         raise ApiError(
             409, "address_in_use", str(err), {"registered": err.registered, "found": err.found}
         ) from err
-    except UnknownKind as err:
+    except OnboardingError as err:
         raise ApiError(422, "not_supported", str(err)) from err
     except AddressNotAllowed as err:
         raise ApiError(403, "address_not_allowed", str(err), [{"loc": ["address"], "msg": str(err)}]) from err
@@ -556,7 +573,10 @@ async def device_remove(call: Call[Empty, None]) -> s.Removed:
     device_id = call.path["device_id"]
     if hub.registry.get(device_id) is None:
         raise not_found("device", device_id)
+    record = hub.registry.get(device_id)
     await hub.links.remove(device_id)
+    if record is not None:
+        await hub.onboarding.deprovision(record)
     await hub.registry.remove(device_id)
     hub.alerts.forget_device(device_id)
     hub.bus.publish("device.removed", device_id=device_id)
@@ -1114,6 +1134,219 @@ async def revoke(call: Call[Empty, None]) -> s.TokenList:
         )
     await store.revoke(token_id)
     return s.TokenList(tokens=[token_out(t) for t in store.list_tokens()])
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+
+
+def discovery_out(hub: HubContext) -> s.DiscoveryOut:
+    ob = hub.onboarding
+    return s.DiscoveryOut(
+        policy=hub.settings.hub.onboarding_policy,
+        window_open=ob.window_open,
+        window_closes_at=s.iso(ob.window_closes_at),
+        sources=dict(hub.discovery_status),
+        candidates=[s.CandidateOut.model_validate(c.as_dict()) for c in ob.candidates.values()],
+        rejected=[
+            s.RejectionOut(at=s.iso(r.at), source=r.source, key=r.key, reason=r.reason)  # type: ignore[arg-type]
+            for r in ob.rejections
+        ],
+    )
+
+
+@router.route(
+    "GET",
+    "/device/discovery",
+    summary="Discovered modules not yet registered",
+    tag="device",
+    response=s.DiscoveryOut,
+)
+async def discovery_get(call: Call[Empty, None]) -> s.DiscoveryOut:
+    """Modules heard over mDNS or BLE, with whether their identity is proven, and announcements that were
+    rejected (malformed, failed authentication) with the reason.  Approve one with
+    ``POST /device/register {"candidate_id": ...}``; changes arrive on the push stream as
+    ``discovery.updated`` and ``discovery.rejected``."""
+    return discovery_out(ctx(call))
+
+
+@router.route(
+    "POST",
+    "/device/discovery",
+    summary="Re-scan, or open/close the pairing window",
+    tag="device",
+    role=Role.HOMEOWNER,
+    body=s.DiscoveryIn,
+    response=s.DiscoveryOut,
+)
+async def discovery_post(call: Call[Empty, s.DiscoveryIn]) -> s.DiscoveryOut:
+    """``rescan`` queries the network again now.  ``open_window`` starts a pairing window of ``duration_s``
+    (in ``auto`` policy, modules that prove their identity register while it is open: the WPS-button
+    model); ``close_window`` ends it."""
+    hub = ctx(call)
+    b = call.body
+    if b.action == "rescan":
+        for rescan in hub.discovery_rescans:
+            await rescan()
+    elif b.action == "open_window":
+        hub.onboarding.open_window(b.duration_s)
+    else:
+        hub.onboarding.close_window()
+    return discovery_out(hub)
+
+
+# ----------------------------------------------------------------------------------------------- security
+
+
+@router.route(
+    "GET",
+    "/device/security/authenticate",
+    summary="Which modules proved their identity",
+    tag="device",
+    response=s.AuthStatusList,
+)
+async def security_status(call: Call[Empty, None]) -> s.AuthStatusList:
+    hub = ctx(call)
+    return s.AuthStatusList(
+        hub_id=hub.settings.hub_id,
+        devices=[
+            s.AuthStatusOut(
+                device_id=r.device_id,
+                protocol=r.protocol,
+                authenticated=r.authenticated,
+                provisioned=bool(r.settings.get("credential")),
+            )
+            for r in hub.registry.all()
+        ],
+    )
+
+
+@router.route(
+    "POST",
+    "/device/security/authenticate",
+    summary="Challenge a module to prove its identity now",
+    tag="device",
+    role=Role.HOMEOWNER,
+    body=s.AuthenticateIn,
+    response=s.AuthenticateOut,
+    errors=(404,),
+)
+async def security_authenticate(call: Call[Empty, s.AuthenticateIn]) -> s.AuthenticateOut:
+    """Sends a fresh nonce and checks the module's signature and certificate against the trusted vendor
+    keys.  A module that was authenticated and now fails raises an ``identity_mismatch`` alert."""
+    hub = ctx(call)
+    rec = records_of(hub, None, call.body.device_id)[0]
+    try:
+        driver, _, proven = await hub.onboarding.identify(
+            Address.parse(rec.address), rec.protocol, claimed=(rec.identity.vendor, rec.identity.serial)
+        )
+        await driver.close()
+    except (DeviceError, AttestationError, OnboardingError) as err:
+        if rec.authenticated:
+            hub.alerts.raise_(
+                "identity_mismatch",
+                "critical",
+                rec.device_id,
+                f"{rec.device_id} failed authentication: {err}",
+            )
+        return s.AuthenticateOut(
+            device_id=rec.device_id, ok=False, authenticated=rec.authenticated, reason=str(err)
+        )
+    reason = (
+        None if proven else "this module cannot prove its identity (no certificate, or a legacy protocol)"
+    )
+    return s.AuthenticateOut(
+        device_id=rec.device_id, ok=proven, authenticated=rec.authenticated, reason=reason
+    )
+
+
+# ----------------------------------------------------------------------------------------------- trust
+
+
+def vendor_key_out(key: Any) -> s.VendorKeyOut:
+    return s.VendorKeyOut(
+        key_id=key.key_id,
+        vendor=key.vendor,
+        public_key=key.public_key_b64,
+        purposes=sorted(key.purposes),
+        added_at=s.iso(key.added_at),  # type: ignore[arg-type]
+        added_by=key.added_by,
+        replaces=key.replaces,
+    )
+
+
+@router.route("GET", "/hub/trust", summary="Trusted vendor keys", tag="hub", response=s.VendorKeyList)
+async def trust_list(call: Call[Empty, None]) -> s.VendorKeyList:
+    """Vendor keys the hub trusts for device certificates (``device``) and firmware (``firmware``)."""
+    return s.VendorKeyList(keys=[vendor_key_out(k) for k in ctx(call).trust.list()])
+
+
+@router.route(
+    "POST",
+    "/hub/trust",
+    summary="Trust a vendor key",
+    tag="hub",
+    role=Role.INSTALLER,
+    body=s.VendorKeyIn,
+    response=s.VendorKeyOut,
+    status=201,
+    errors=(409, 422),
+)
+async def trust_add(call: Call[Empty, s.VendorKeyIn]) -> s.VendorKeyOut:
+    from hub.trust import TrustError
+
+    b = call.body
+    try:
+        key = await ctx(call).trust.add(
+            b.vendor, b.public_key, frozenset(b.purposes), call.token.name if call.token else None
+        )
+    except TrustError as err:
+        raise ApiError(422, getattr(err, "code", "bad_key"), str(err)) from err
+    return vendor_key_out(key)
+
+
+@router.route(
+    "DELETE",
+    "/hub/trust/{key_id}",
+    summary="Stop trusting a vendor key",
+    tag="hub",
+    role=Role.INSTALLER,
+    response=s.VendorKeyList,
+    errors=(404,),
+)
+async def trust_remove(call: Call[Empty, None]) -> s.VendorKeyList:
+    """Certificates and firmware signed by the removed key are refused from now on."""
+    hub = ctx(call)
+    key_id = call.path["key_id"]
+    if not await hub.trust.remove(key_id):
+        raise not_found("key", key_id)
+    return s.VendorKeyList(keys=[vendor_key_out(k) for k in hub.trust.list()])
+
+
+@router.route(
+    "POST",
+    "/hub/trust/{key_id}/rotate",
+    summary="Replace a vendor key by one it signed",
+    tag="hub",
+    role=Role.INSTALLER,
+    body=s.RotateIn,
+    response=s.VendorKeyOut,
+    status=201,
+    errors=(404, 422),
+)
+async def trust_rotate(call: Call[Empty, s.RotateIn]) -> s.VendorKeyOut:
+    """The old key signs the statement naming the new key (see docs/firmware.md); the new key inherits the
+    vendor and purposes and the old key is removed."""
+    from hub.trust import TrustError, UnknownKey
+
+    hub = ctx(call)
+    key_id = call.path["key_id"]
+    try:
+        key = await hub.trust.rotate(key_id, call.body.public_key, call.body.signature)
+    except UnknownKey as err:
+        raise not_found("key", key_id) from err
+    except TrustError as err:
+        raise ApiError(422, getattr(err, "code", "bad_rotation"), str(err)) from err
+    return vendor_key_out(key)
 
 
 # ----------------------------------------------------------------------------------------------- misc

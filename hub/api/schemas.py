@@ -170,9 +170,11 @@ class DeviceIdQuery(Strict):
 
 
 class RegisterIn(Strict):
-    """Register a module by address (automatic onboarding comes with discovery)."""
+    """Register a module: approve a discovered one (``candidate_id``) or name its ``address``."""
 
-    address: str = Field(
+    candidate_id: DeviceId | None = Field(None, description="A module listed by GET /device/discovery")
+    address: str | None = Field(
+        None,
         min_length=8,
         max_length=256,
         description="modbus://HOST:PORT?unit=N (SunSpec Modbus TCP) or http://HOST:PORT/ores/v1 (ORES-HTTP)",
@@ -182,6 +184,100 @@ class RegisterIn(Strict):
         None, description="Skip auto-detection and use this protocol"
     )
     name: str | None = Field(None, min_length=1, max_length=64)
+
+
+class CandidateOut(BaseModel):
+    candidate_id: str
+    source: Literal["mdns", "ble"]
+    status: Literal["pending", "examining", "verified", "unverified", "rejected", "gone"]
+    kind: str
+    vendor: str
+    model: str
+    serial: str
+    firmware_version: str | None
+    protocol: str
+    address: str | None
+    ble_address: str | None
+    identity_proven: bool
+    unprovisioned: bool
+    reason: str | None
+    first_seen: datetime
+    last_seen: datetime
+
+
+class RejectionOut(BaseModel):
+    at: datetime
+    source: str
+    key: str
+    reason: str
+
+
+class DiscoveryOut(BaseModel):
+    policy: Literal["approve", "auto"]
+    window_open: bool
+    window_closes_at: datetime | None
+    sources: dict[str, str] = Field(description="Each discovery source and its state")
+    candidates: list[CandidateOut]
+    rejected: list[RejectionOut]
+
+
+class DiscoveryIn(Strict):
+    action: Literal["rescan", "open_window", "close_window"]
+    duration_s: float = Field(120.0, ge=10, le=3600, description="How long the pairing window stays open")
+
+
+class AuthenticateIn(Strict):
+    device_id: DeviceId
+
+
+class AuthStatusOut(BaseModel):
+    device_id: str
+    protocol: str
+    authenticated: bool
+    provisioned: bool = Field(description="The module holds a credential from this hub")
+
+
+class AuthStatusList(BaseModel):
+    hub_id: str
+    devices: list[AuthStatusOut]
+
+
+class AuthenticateOut(BaseModel):
+    device_id: str
+    ok: bool
+    authenticated: bool
+    reason: str | None
+
+
+class VendorKeyOut(BaseModel):
+    key_id: str
+    vendor: str
+    public_key: str = Field(description="Raw Ed25519 public key, base64")
+    purposes: list[Literal["device", "firmware"]]
+    added_at: datetime
+    added_by: str | None
+    replaces: str | None
+
+
+class VendorKeyList(BaseModel):
+    keys: list[VendorKeyOut]
+
+
+class VendorKeyIn(Strict):
+    vendor: str = Field(min_length=1, max_length=64)
+    public_key: str = Field(
+        min_length=40, max_length=4096, description="Ed25519 public key: raw base64 or PEM"
+    )
+    purposes: list[Literal["device", "firmware"]] = Field(["device", "firmware"], min_length=1, max_length=2)
+
+
+class RotateIn(Strict):
+    public_key: str = Field(min_length=40, max_length=4096, description="The new key: raw base64 or PEM")
+    signature: str = Field(
+        min_length=40,
+        max_length=200,
+        description="The old key's signature over the rotation statement, base64",
+    )
 
 
 class DevicePatch(Strict):
@@ -449,6 +545,7 @@ class HubSettingsPatch(Strict):
     retention_raw_h: float | None = Field(None, ge=1, le=24 * 31)
     retention_1m_days: float | None = Field(None, ge=1, le=3650)
     retention_15m_days: float | None = Field(None, ge=1, le=36500)
+    onboarding_policy: Literal["approve", "auto"] | None = None
 
 
 class AppSettingsPatch(Strict):

@@ -4,13 +4,17 @@ Everything runs over real sockets on 127.0.0.1: the round trip per kind (identit
 values and signs, control reaching the module including the watchdog), errors the protocol defines (4xx on
 control, authentication), and servers that break the protocol in every way the driver must survive, each
 mapped to its ``devices.errors`` exception with the reason in the log.  A hypothesis test feeds arbitrary
-JSON-ish bodies to the telemetry parser.
+JSON-ish bodies to the telemetry parser.  The authentication of §6 runs end to end as the hub does it
+(``ChallengeBook`` nonce, ``authenticate`` against the sim, ``verify_attestation`` with a real ``TrustStore``),
+with each attack the issue names as its own test, then provisioning, re-keying and deprovisioning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -19,12 +23,27 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devices.attest import (
+    BadCertificate,
+    BadSignature,
+    ChallengeBook,
+    DeviceCertificate,
+    IdentityMismatch,
+    ReplayedNonce,
+    SimAttestation,
+    UntrustedVendor,
+    key_id,
+    make_sim_attestation,
+    verify_attestation,
+)
 from devices.drivers.base import Address, Driver
 from devices.drivers.ores_http import OresHttpDriver, parse_identity_body, parse_telemetry_body
 from devices.errors import (
@@ -43,9 +62,10 @@ from devices.model import (
     Setpoint,
     Telemetry,
 )
-from devices.ores_http_wire import MAX_BODY_BYTES
+from devices.ores_http_wire import MAX_BODY_BYTES, generate_credential, identity_to_wire
 from devices.sim.base import StaticModule
 from devices.sim.ores_http_server import OresHttpSimServer, start_ores_http_server
+from hub.trust import TrustStore
 
 LOGGER_NAME = "devices.drivers.ores_http"
 
@@ -805,3 +825,289 @@ def test_telemetry_parser_only_raises_protocol_error(body: bytes) -> None:
 def test_identity_parser_only_raises_protocol_errors(body: bytes) -> None:
     with contextlib.suppress(NotSupported, ProtocolError):
         parse_identity_body(body)
+
+
+# -------------------- §6 authentication, hub side end to end
+
+HUB_ID = "hub-under-test"
+VENDOR_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"driver test vendor").digest())
+INVERTER_INFO = MODULES[DeviceKind.MICROINVERTER][0]
+
+
+def inverter_attestation(
+    vendor_key: Ed25519PrivateKey = VENDOR_KEY, *, vendor: str = "Acme Solar", serial: str = "MI-0001"
+) -> SimAttestation:
+    return make_sim_attestation(vendor_key, vendor=vendor, model="MI-400", serial=serial)
+
+
+@pytest.fixture
+async def trust(tmp_path: Path) -> TrustStore:
+    store = await TrustStore.open(tmp_path / "trust.json")
+    await store.add("Acme Solar", VENDOR_KEY.public_key(), ["device"])
+    return store
+
+
+async def challenge(
+    driver: OresHttpDriver, store: TrustStore, book: ChallengeBook | None = None
+) -> DeviceCertificate:
+    """What the hub's onboarding does: probe, fresh nonce, ask, consume the nonce, verify."""
+    info = await driver.probe()
+    book = book or ChallengeBook()
+    nonce = book.issue()
+    cert, signature = await driver.authenticate(nonce, HUB_ID)
+    book.consume(nonce)
+    return verify_attestation(
+        cert,
+        signature,
+        nonce=nonce,
+        hub_id=HUB_ID,
+        trusted=store.trusted("device"),
+        claimed=(info.identity.vendor, info.identity.serial),
+    )
+
+
+async def test_authenticate_provision_deprovision(
+    serve: ServeFn, make_driver: DriverFn, trust: TrustStore
+) -> None:
+    attestation = inverter_attestation()
+    server = await serve(static_module(DeviceKind.MICROINVERTER), attestation=attestation)
+    driver = make_driver(server.address)
+
+    cert = await challenge(driver, trust)
+    assert cert == attestation.certificate
+    assert driver.provisioned is False
+
+    credential = generate_credential()
+    await driver.provision(credential, HUB_ID)
+    assert server.credential == credential
+    assert server.hub_id == HUB_ID
+    assert driver.has_credential
+    assert (await driver.read()).power_w == 312.5
+    await driver.probe()
+    assert driver.provisioned is True
+    with pytest.raises(AuthenticationFailed, match="HTTP 401"):
+        await make_driver(server.address).read()  # another client, without the credential
+    assert await challenge(make_driver(server.address), trust) == cert  # proving identity stays open
+
+    await driver.deprovision()
+    assert not server.provisioned
+    assert not driver.has_credential
+    assert driver.provisioned is False
+    assert (await make_driver(server.address).read()).power_w == 312.5
+
+
+async def test_attack_module_signs_with_another_key(
+    serve: ServeFn, make_driver: DriverFn, trust: TrustStore, log: pytest.LogCaptureFixture
+) -> None:
+    """A module that copied a genuine certificate but holds another device key."""
+    genuine = inverter_attestation()
+    impostor = SimAttestation(Ed25519PrivateKey.generate(), genuine.certificate)
+    server = await serve(static_module(DeviceKind.MICROINVERTER), attestation=impostor)
+    with pytest.raises(BadSignature, match="does not verify with the certified device key"):
+        await challenge(make_driver(server.address), trust)
+    assert "BadSignature" in log.text
+
+
+async def test_attack_certificate_from_untrusted_vendor(
+    serve: ServeFn, make_driver: DriverFn, trust: TrustStore, log: pytest.LogCaptureFixture
+) -> None:
+    rogue = inverter_attestation(Ed25519PrivateKey.generate())
+    server = await serve(static_module(DeviceKind.MICROINVERTER), attestation=rogue)
+    with pytest.raises(UntrustedVendor, match="does not trust"):
+        await challenge(make_driver(server.address), trust)
+    assert "UntrustedVendor" in log.text
+
+
+async def test_attack_serial_not_matching_the_certificate(
+    serve: ServeFn, make_driver: DriverFn, trust: TrustStore, log: pytest.LogCaptureFixture
+) -> None:
+    """A genuine module of the vendor, announcing someone else's serial."""
+    other_serial = inverter_attestation(serial="MI-0002")
+    server = await serve(static_module(DeviceKind.MICROINVERTER), attestation=other_serial)
+    with pytest.raises(IdentityMismatch, match="'MI-0001' but its certificate is for 'Acme Solar'/'MI-0002'"):
+        await challenge(make_driver(server.address), trust)
+    assert "IdentityMismatch" in log.text
+
+
+def relay_server_handlers(answer: Callable[[bytes, str], object]) -> dict[str, RawHandler]:
+    """A man in the middle: a genuine /identity, and /auth/challenge answered by ``answer(nonce, hub_id)``."""
+
+    async def identity(request: web.Request) -> web.Response:
+        return web.json_response(identity_to_wire(INVERTER_INFO))
+
+    async def auth(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response(answer(base64.b64decode(body["nonce"]), body["hub_id"]))
+
+    return {"identity": identity, "auth/challenge": auth}
+
+
+async def test_attack_replayed_answer(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    trust: TrustStore,
+) -> None:
+    """An attacker recorded a genuine module's answer and plays it back to the next challenge."""
+    genuine = inverter_attestation()
+    recorded_nonce = ChallengeBook().issue()
+    cert, signature = genuine.respond(recorded_nonce, HUB_ID)
+    recording = {"certificate": cert.to_wire(), "signature": base64.b64encode(signature).decode()}
+    driver = make_driver(await raw_server(relay_server_handlers(lambda nonce, hub_id: recording)))
+    with pytest.raises(BadSignature):
+        await challenge(driver, trust)  # a fresh nonce: the recorded signature is over another one
+
+    # and the hub never accepts the same nonce twice, even with a valid answer
+    book = ChallengeBook()
+    nonce = book.issue()
+    book.consume(nonce)
+    with pytest.raises(ReplayedNonce, match="already used"):
+        book.consume(nonce)
+
+
+async def test_attack_certificate_tampered_in_transit(
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    trust: TrustStore,
+) -> None:
+    genuine = inverter_attestation(serial="MI-0007")
+
+    def tampered(nonce: bytes, hub_id: str) -> object:
+        cert, signature = genuine.respond(nonce, hub_id)
+        return {
+            "certificate": {**cert.to_wire(), "serial": "MI-0001"},  # matches the announced serial now
+            "signature": base64.b64encode(signature).decode(),
+        }
+
+    driver = make_driver(await raw_server(relay_server_handlers(tampered)))
+    with pytest.raises(BadCertificate, match="certificate signature does not verify"):
+        await challenge(driver, trust)
+
+
+async def test_removed_vendor_key_refuses_its_modules(
+    serve: ServeFn, make_driver: DriverFn, trust: TrustStore
+) -> None:
+    server = await serve(static_module(DeviceKind.MICROINVERTER), attestation=inverter_attestation())
+    driver = make_driver(server.address)
+    await challenge(driver, trust)
+    await trust.remove(key_id(VENDOR_KEY.public_key()))
+    with pytest.raises(UntrustedVendor):
+        await challenge(driver, trust)
+
+
+_CERT_WIRE = inverter_attestation().certificate.to_wire()
+_SIG = base64.b64encode(bytes(64)).decode()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (body_handler("not json"), ProtocolError, "body is not JSON"),
+        (json_handler([1]), ProtocolError, "expected an object"),
+        (json_handler({"signature": _SIG}), ProtocolError, "missing required field 'certificate'"),
+        (json_handler({"certificate": _CERT_WIRE}), ProtocolError, "missing required field 'signature'"),
+        (
+            json_handler({"certificate": {**_CERT_WIRE, "device_key": "AAAA"}, "signature": _SIG}),
+            ProtocolError,
+            "malformed certificate: device_key",
+        ),
+        (json_handler({"certificate": "x", "signature": _SIG}), ProtocolError, "malformed certificate"),
+        (json_handler({"certificate": _CERT_WIRE, "signature": "AAAA"}), ProtocolError, "expected 64 bytes"),
+        (
+            json_handler({"error": {"code": "internal_error", "message": "hsm", "details": {}}}, 500),
+            ProtocolError,
+            "HTTP 500",
+        ),
+        (
+            json_handler({"error": {"code": "unauthorized", "message": "no", "details": {}}}, 401),
+            AuthenticationFailed,
+            "HTTP 401",
+        ),
+        (body_handler("missing", 404, "text/plain"), NotSupported, "HTTP 404"),
+    ],
+    ids=[
+        "not-json",
+        "array",
+        "no-cert",
+        "no-sig",
+        "bad-key",
+        "cert-string",
+        "short-sig",
+        "500",
+        "401",
+        "404",
+    ],
+)
+async def test_malformed_challenge_answers(
+    case: tuple[RawHandler, type[Exception], str],
+    raw_server: Callable[[dict[str, RawHandler]], Awaitable[Address]],
+    make_driver: DriverFn,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    handler, error, reason = case
+    driver = make_driver(await raw_server({"auth/challenge": handler}))
+    with pytest.raises(error) as exc:
+        await driver.authenticate(ChallengeBook().issue(), HUB_ID)
+    assert reason in str(exc.value)
+    assert reason in logged(log)
+
+
+async def test_module_without_authentication_is_not_supported(serve: ServeFn, make_driver: DriverFn) -> None:
+    server = await serve(static_module(DeviceKind.MICROINVERTER))  # no attestation: a legacy module
+    driver = make_driver(server.address)
+    await driver.probe()
+    assert driver.provisioned is None  # /identity does not say
+    with pytest.raises(NotSupported, match="HTTP 404"):
+        await driver.authenticate(ChallengeBook().issue(), HUB_ID)
+    with pytest.raises(NotSupported, match="HTTP 404"):
+        await driver.provision(generate_credential(), HUB_ID)
+    with pytest.raises(NotSupported, match="HTTP 404"):
+        await driver.deprovision()
+
+
+async def test_authenticate_refuses_bad_arguments_locally(make_driver: DriverFn) -> None:
+    driver = make_driver(Address.parse("http://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="nonce"):
+        await driver.authenticate(b"short", HUB_ID)
+    with pytest.raises(ValueError, match="hub_id"):
+        await driver.authenticate(bytes(32), "nul\0inside")
+
+
+async def test_provision_refused_when_another_hub_owns_the_module(
+    serve: ServeFn, make_driver: DriverFn
+) -> None:
+    owner = generate_credential()
+    server = await serve(
+        static_module(DeviceKind.MICROINVERTER), attestation=inverter_attestation(), credential=owner
+    )
+    intruder = make_driver(server.address)
+    with pytest.raises(AuthenticationFailed, match="HTTP 401"):
+        await intruder.provision(generate_credential(), "other-hub")
+    assert not intruder.has_credential
+    with pytest.raises(AuthenticationFailed, match="HTTP 401"):
+        await intruder.deprovision()
+    assert server.credential == owner
+
+    # the owner re-keys: the new credential is used at once, the old one is dead
+    driver = make_driver(server.address, credential=owner)
+    new = generate_credential()
+    await driver.provision(new, HUB_ID)
+    assert server.credential == new
+    await driver.read()
+    with pytest.raises(AuthenticationFailed):
+        await make_driver(server.address, credential=owner).read()
+
+
+async def test_set_credential_takes_effect_at_once(serve: ServeFn, make_driver: DriverFn) -> None:
+    credential = generate_credential()
+    server = await serve(static_module(DeviceKind.SMARTPLUG), credential=credential)
+    driver = make_driver(server.address)
+    with pytest.raises(AuthenticationFailed):
+        await driver.read()
+    driver.set_credential(credential)
+    assert (await driver.read()).on is True  # same session, new header
+    driver.set_credential(None)
+    with pytest.raises(AuthenticationFailed):
+        await driver.read()
+    for bad in ("", "two words", "ünïcode"):
+        with pytest.raises(ValueError):
+            driver.set_credential(bad)

@@ -2,13 +2,17 @@
 
 They check the server against docs/module-protocol.md itself (not through the hub's driver): the JSON shapes
 of the four endpoints, the error body and status for every kind of bad request, the bearer check, the
-active setpoint and watchdog in ``/status``, and a clean stop.
+active setpoint and watchdog in ``/status``, and a clean stop; and the authentication of §6: challenges signed
+with the device key, provisioning, the credential required afterwards, refused take-over, re-key and
+deprovisioning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -16,7 +20,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from devices.attest import DeviceCertificate, TrustAnchor, key_id, make_sim_attestation, verify_attestation
 from devices.drivers.base import Address
 from devices.model import (
     Capabilities,
@@ -27,7 +33,7 @@ from devices.model import (
     Setpoint,
     Telemetry,
 )
-from devices.ores_http_wire import MAX_BODY_BYTES, Fault, parse_ts
+from devices.ores_http_wire import MAX_BODY_BYTES, Fault, generate_credential, parse_ts
 from devices.sim.base import SimServer, StaticModule
 from devices.sim.ores_http_server import OresHttpSimServer, ReportsFaults, start_ores_http_server
 
@@ -370,3 +376,198 @@ async def test_two_servers_get_distinct_ports(serve: Serve) -> None:
     first = await serve(inverter())
     second = await serve(StaticModule(info=BATTERY))
     assert first.address.port != second.address.port
+
+
+# ----------------------------------------------------------------------------------------- §6 attestation
+
+VENDOR_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"sim test vendor").digest())
+ATTESTATION = make_sim_attestation(
+    VENDOR_KEY, vendor="Acme Solar", model="MI-400", serial="MI-0001", seed=b"sim test device"
+)
+CHALLENGE = "auth/challenge"
+CREDENTIAL = "auth/credential"
+JSON = {"Content-Type": "application/json"}
+
+
+def bearer(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}", **JSON}
+
+
+async def call_empty(
+    http: aiohttp.ClientSession,
+    method: str,
+    target: str,
+    body: object = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """A request whose success answer is 204 without a body."""
+    data = None if body is None else json.dumps(body).encode()
+    async with http.request(method, target, data=data, headers=headers) as response:
+        raw = await response.read()
+        if response.status == 204:
+            assert raw == b""
+        return response.status
+
+
+async def test_without_attestation_auth_endpoints_are_404(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter())
+    body = json.dumps({"nonce": base64.b64encode(bytes(32)).decode(), "hub_id": "h"}).encode()
+    for method, endpoint in (("POST", CHALLENGE), ("POST", CREDENTIAL), ("DELETE", CREDENTIAL)):
+        status, data, _ = await call(http, method, url(server, endpoint), body, JSON)
+        assert status == 404
+        assert_error(data, "not_found")
+
+
+async def test_challenge_is_signed_with_the_device_key(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter(), attestation=ATTESTATION)
+    nonce = bytes(range(32))
+    body = json.dumps({"nonce": base64.b64encode(nonce).decode(), "hub_id": "hub-1"}).encode()
+    status, data, _ = await call(http, "POST", url(server, CHALLENGE), body, JSON)
+    assert status == 200
+    assert set(data) == {"certificate", "signature"}
+    cert = DeviceCertificate.from_wire(data["certificate"])
+    assert cert == ATTESTATION.certificate
+    signature = base64.b64decode(data["signature"])
+    trusted = {key_id(VENDOR_KEY.public_key()): TrustAnchor("Acme Solar", VENDOR_KEY.public_key())}
+    verify_attestation(
+        cert, signature, nonce=nonce, hub_id="hub-1", trusted=trusted, claimed=("Acme Solar", "MI-0001")
+    )
+    _, identity, _ = await call(http, "GET", url(server, "identity"))
+    assert identity["provisioned"] is False
+
+
+@pytest.mark.parametrize(
+    ("body", "message_part"),
+    [
+        (b"not json", "body is not JSON"),
+        (b"[]", "expected an object"),
+        (b'{"hub_id": "h"}', "missing required field 'nonce'"),
+        (b'{"nonce": "AAAA", "hub_id": "h"}', "must be 16..64 bytes"),
+        (b'{"nonce": "@@@@", "hub_id": "h"}', "not base64"),
+        (b'{"nonce": "AAAAAAAAAAAAAAAAAAAAAA==", "hub_id": "a\\u0000b"}', "hub_id"),
+        (b'{"nonce": "AAAAAAAAAAAAAAAAAAAAAA=="}', "missing required field 'hub_id'"),
+    ],
+)
+async def test_malformed_challenge_is_400(
+    body: bytes, message_part: str, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(inverter(), attestation=ATTESTATION)
+    status, data, _ = await call(http, "POST", url(server, CHALLENGE), body, JSON)
+    assert status == 400
+    assert_error(data, "bad_request", message_part)
+
+
+async def test_provisioning_locks_the_module_to_its_credential(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    module = inverter()
+    server = await serve(module, attestation=ATTESTATION)
+    assert not server.provisioned
+    status, _, _ = await call(http, "GET", url(server, "telemetry"))
+    assert status == 200  # unprovisioned: open
+
+    credential = generate_credential()
+    assert (
+        await call_empty(
+            http, "POST", url(server, CREDENTIAL), {"credential": credential, "hub_id": "hub-1"}, JSON
+        )
+        == 204
+    )
+    assert server.provisioned
+    assert server.credential == credential
+    assert server.hub_id == "hub-1"
+    _, identity, _ = await call(http, "GET", url(server, "identity"))  # still open
+    assert identity["provisioned"] is True
+
+    for headers in (JSON, bearer(generate_credential()), {"Authorization": f"Basic {credential}", **JSON}):
+        for method, endpoint in (("GET", "status"), ("GET", "telemetry"), ("POST", "control")):
+            status, data, response = await call(
+                http, method, url(server, endpoint), b'{"power_limit_pct": 5}', headers
+            )
+            assert status == 401
+            assert_error(data, "unauthorized")
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert module.received == []
+
+    status, _, _ = await call(http, "GET", url(server, "telemetry"), None, bearer(credential))
+    assert status == 200
+    status, _, _ = await call(
+        http, "POST", url(server, "control"), b'{"power_limit_pct": 5}', bearer(credential)
+    )
+    assert status == 200
+    assert module.received == [(Setpoint(power_limit_pct=5.0), None)]
+    nonce = base64.b64encode(bytes(32)).decode()
+    status, _, _ = await call(
+        http, "POST", url(server, CHALLENGE), json.dumps({"nonce": nonce, "hub_id": "x"}).encode(), JSON
+    )
+    assert status == 200  # the challenge stays open
+
+
+async def test_second_hub_cannot_take_over(serve: Serve, http: aiohttp.ClientSession) -> None:
+    first = generate_credential()
+    server = await serve(inverter(), attestation=ATTESTATION, credential=first)
+    assert server.provisioned  # a credential given at start means provisioned
+    takeover = {"credential": generate_credential(), "hub_id": "evil-hub"}
+    status, data, _ = await call(http, "POST", url(server, CREDENTIAL), json.dumps(takeover).encode(), JSON)
+    assert status == 401
+    assert_error(data, "unauthorized")
+    wrong = bearer(generate_credential())
+    status, _, _ = await call(http, "POST", url(server, CREDENTIAL), json.dumps(takeover).encode(), wrong)
+    assert status == 401
+    status, _, _ = await call(http, "DELETE", url(server, CREDENTIAL), None, wrong)
+    assert status == 401
+    assert server.credential == first
+
+    # the owner re-keys with its current credential; the old one stops working
+    second = generate_credential()
+    body = {"credential": second, "hub_id": "hub-1"}
+    assert await call_empty(http, "POST", url(server, CREDENTIAL), body, bearer(first)) == 204
+    status, _, _ = await call(http, "GET", url(server, "status"), None, bearer(first))
+    assert status == 401
+    status, _, _ = await call(http, "GET", url(server, "status"), None, bearer(second))
+    assert status == 200
+
+
+async def test_deprovision_returns_to_unprovisioned(serve: Serve, http: aiohttp.ClientSession) -> None:
+    credential = generate_credential()
+    server = await serve(inverter(), attestation=ATTESTATION, credential=credential)
+    assert await call_empty(http, "DELETE", url(server, CREDENTIAL), None, bearer(credential)) == 204
+    assert not server.provisioned
+    assert server.hub_id is None
+    _, identity, _ = await call(http, "GET", url(server, "identity"))
+    assert identity["provisioned"] is False
+    status, _, _ = await call(http, "GET", url(server, "telemetry"))
+    assert status == 200
+    assert await call_empty(http, "DELETE", url(server, CREDENTIAL)) == 204  # idempotent
+    # and a new hub may provision it
+    body = {"credential": generate_credential(), "hub_id": "hub-2"}
+    assert await call_empty(http, "POST", url(server, CREDENTIAL), body, JSON) == 204
+    assert server.hub_id == "hub-2"
+
+
+@pytest.mark.parametrize(
+    ("body", "message_part"),
+    [
+        ({"credential": "tok-123", "hub_id": "h"}, "not base64"),
+        ({"credential": base64.b64encode(bytes(16)).decode(), "hub_id": "h"}, "expected 32 bytes"),
+        ({"credential": base64.b64encode(bytes(32)).decode()}, "missing required field 'hub_id'"),
+        ({"credential": base64.b64encode(bytes(32)).decode(), "hub_id": ""}, "hub_id"),
+        ({"hub_id": "h"}, "missing required field 'credential'"),
+    ],
+)
+async def test_malformed_credential_is_400_and_changes_nothing(
+    body: dict[str, str], message_part: str, serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    server = await serve(inverter(), attestation=ATTESTATION)
+    status, data, _ = await call(http, "POST", url(server, CREDENTIAL), json.dumps(body).encode(), JSON)
+    assert status == 400
+    assert_error(data, "bad_request", message_part)
+    assert not server.provisioned
+
+
+async def test_legacy_credential_reports_provisioned(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter(), credential="tok-123")
+    _, identity, _ = await call(http, "GET", url(server, "identity"))
+    assert identity["provisioned"] is True
+    status, _, _ = await call(http, "POST", url(server, CHALLENGE), b"{}", JSON)
+    assert status == 404  # no attestation: the challenge is not implemented, and open

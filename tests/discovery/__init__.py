@@ -1,0 +1,1 @@
+"""Tests of the discovery layer (mDNS browser and hub advertisement, BLE scanner)."""
