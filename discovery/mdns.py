@@ -251,7 +251,7 @@ def module_txt(
     provisioned: bool = False,
     protocol_version: str = PROTOCOL_VERSION,
 ) -> dict[str, str]:
-    """The TXT record a module announces (only ``path`` for ORES-HTTP, only ``unit`` for SunSpec).
+    """The TXT record a module announces (``path`` and ``prov`` for ORES-HTTP, ``unit`` for SunSpec).
 
     Raises ``ValueError`` when the values cannot be announced validly (too long, not ASCII, ...).
     """
@@ -265,9 +265,9 @@ def module_txt(
     }
     if transport == TP_ORES_HTTP:
         txt["path"] = path
+        txt["prov"] = "1" if provisioned else "0"
     else:
-        txt["unit"] = str(unit)
-    txt["prov"] = "1" if provisioned else "0"
+        txt["unit"] = str(unit)  # a SunSpec module cannot be provisioned: no prov
     try:
         parse_txt(_encode(txt))
     except (MalformedAnnouncement, UnicodeEncodeError) as err:
@@ -475,6 +475,7 @@ class MdnsBrowser:
         self._timeout_s = resolve_timeout_s
         self._clock = clock
         self._browser: AsyncServiceBrowser | None = None
+        self._running = False
         self._tokens = float(burst)
         self._refilled_at = clock()
         self._pending: dict[str, None] = {}  # insertion-ordered queue of names to resolve
@@ -500,7 +501,7 @@ class MdnsBrowser:
 
     @property
     def running(self) -> bool:
-        return self._browser is not None
+        return self._running
 
     @property
     def stats(self) -> BrowserStats:
@@ -518,16 +519,22 @@ class MdnsBrowser:
 
     async def start(self) -> None:
         """Open zeroconf if needed and start browsing (cached services are reported at once).  Idempotent."""
-        if self._browser is not None:
+        if self._running:
             return
         if self._aiozc is None:
             self._aiozc = open_zeroconf(self._interfaces)
             self._owns_zeroconf = True
-        self._browser = self._new_browser()
+        self._running = True  # before the browser exists: it replays zeroconf's cache while it is built
+        try:
+            self._browser = self._new_browser()
+        except DiscoveryError:
+            await self.stop()
+            raise
         _LOGGER.info("mDNS: browsing %s", self._type)
 
     async def stop(self) -> None:
         """Stop browsing, cancel resolutions and close zeroconf if this browser opened it.  Idempotent."""
+        self._running = False
         browser, self._browser = self._browser, None
         if browser is not None:
             await browser.async_cancel()
@@ -576,8 +583,8 @@ class MdnsBrowser:
         """The ``AsyncServiceBrowser`` handler (keyword-called by zeroconf, on the event loop).  Never raises."""
         try:
             self._counts["heard"] += 1
-            if service_type.lower() != self._type.lower():
-                return
+            if not self._running or service_type.lower() != self._type.lower():
+                return  # stopped, or not the type this browser watches
             if state_change is ServiceStateChange.Removed:
                 self._on_removed(name)
             else:
@@ -673,10 +680,10 @@ class MdnsBrowser:
         self._workers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("mDNS: resolver task failed", exc_info=task.exception())
-            if self._pending and self._browser is not None:
+            if self._pending and self._running:
                 self._spawn()
         if not self._workers:
-            if self._browser is None:
+            if not self._running:
                 self._pending.clear()
             if not self._pending:
                 self._idle.set()
@@ -694,7 +701,7 @@ class MdnsBrowser:
             complete = await info.async_request(aiozc.zeroconf, self._timeout_s * 1000)
         except NotRunningException:
             return  # zeroconf is closing
-        if name in self._withdrawn or self._browser is None:
+        if name in self._withdrawn or not self._running:
             return
         try:
             sighting = sighting_from_service(info, key=name)
@@ -751,7 +758,6 @@ async def withdraw_service(
     await asyncio.gather(*pending, return_exceptions=True)
     if info is None or aiozc.zeroconf.done:
         return
-    return
     goodbye = await aiozc.async_unregister_service(info)
     await goodbye
 

@@ -3,7 +3,7 @@
 ``ModuleAnnouncer`` registers one ``_ores._tcp.local.`` service for a running ``SimServer``: instance name
 ``<vendor>-<serial>``, the server's port and address, and the TXT record of docs/discovery.md built from the
 module's ``DeviceInfo`` (``tp=ores-http`` with ``path`` for an ORES-HTTP server, ``tp=sunspec-modbus`` with
-``unit`` for a SunSpec server).  ``set_provisioned`` flips the ``prov`` flag in place; ``stop`` unregisters
+``unit`` for a SunSpec server).  ``set_provisioned`` flips an ORES-HTTP module's ``prov`` flag in place; ``stop`` unregisters
 the service so goodbye packets are sent.  ``announce_all`` starts one announcer per server.  The shared
 ``AsyncZeroconf`` instance belongs to the caller.
 """
@@ -128,11 +128,12 @@ class ModuleAnnouncer:
         _LOGGER.debug("announcing %s at %s", info.name, self._server.address)
 
     async def set_provisioned(self, provisioned: bool) -> None:
-        """Change the ``prov`` flag and re-announce the TXT record (no-op if unchanged)."""
-        if provisioned == self._provisioned:
-            return
+        """Change the ``prov`` flag and re-announce the TXT record if it changed (SunSpec modules have none)."""
         self._provisioned = provisioned
-        self._txt = self._txt_for(provisioned=provisioned)
+        txt = self._txt_for(provisioned=provisioned)
+        if txt == self._txt:
+            return
+        self._txt = txt
         if self._info is None:
             return
         info = self._make_info()

@@ -191,7 +191,6 @@ def test_module_txt_round_trips_and_refuses_what_it_cannot_announce() -> None:
         "serial": "GM-77",
         "tp": "sunspec-modbus",
         "unit": "4",
-        "prov": "0",
     }
     assert parse_txt({k.encode(): v.encode() for k, v in txt.items()})["unit"] == "4"
     with pytest.raises(ValueError, match="serial is too long"):
@@ -497,7 +496,7 @@ async def test_updated_txt_is_seen_again(
     assert later[0].address == first.address
 
 
-async def test_rescan_reports_known_services_again(
+async def test_rescan_and_a_late_browser_report_known_services_again(
     stack: AsyncExitStack, module_zc: AsyncZeroconf, hub_zc: AsyncZeroconf, stype: str
 ) -> None:
     server = await start_ores_http_server(StaticModule(info=INVERTER))
@@ -512,6 +511,10 @@ async def test_rescan_reports_known_services_again(
 
     await browser.rescan()
     await sink.wait_for(lambda: len(sink.seen_for(announcer.name)) > before, "the sighting after a rescan")
+
+    # a second browser on the same (warm) zeroconf instance hears the cached service at once
+    _, late_sink = await _browse(stack, hub_zc, stype)
+    await late_sink.wait_for(lambda: late_sink.seen_for(announcer.name), "the cached service")
 
 
 async def test_hub_advertisement_is_browsable_and_updates(

@@ -79,7 +79,15 @@ def test_txt_and_name_come_from_the_server() -> None:
     }
     modbus = _Endpoint(Address("modbus", "127.0.0.1", 1502, "", 7), StaticModule(info=BATTERY))
     txt = ModuleAnnouncer(modbus, zeroconf=None, provisioned=True).txt  # type: ignore[arg-type]
-    assert (txt["tp"], txt["unit"], txt["prov"], "path" in txt) == ("sunspec-modbus", "7", "1", False)
+    assert txt == {
+        "pv": "1.0",
+        "kind": "energystorage",
+        "vendor": "Acme Storage",
+        "model": "B-5",
+        "serial": "B5-0042",
+        "tp": "sunspec-modbus",
+        "unit": "7",
+    }
 
 
 def test_refuses_what_cannot_be_announced() -> None:
