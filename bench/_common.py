@@ -154,6 +154,7 @@ def hub_process(data_dir: Path, hub_settings: dict[str, Any] | None = None) -> A
         "--port", "0",
         "--data-dir", str(data_dir),
         "--device-network", "127.0.0.0/8",
+        "--trust-demo-vendors", "--no-discovery",
         "--log-level", "WARNING",
     ]  # fmt: skip
     child = spawn("hub", argv, data_dir.parent / "hub.log")

@@ -131,14 +131,19 @@ async def _discovery(app: web.Application) -> AsyncIterator[None]:
         hub.discovery_status.update(mdns="off", ble="off")
         yield
         return
-    from zeroconf import InterfaceChoice
-    from zeroconf.asyncio import AsyncZeroconf
-
+    from discovery.base import DiscoveryError
     from discovery.ble import BleScanner
-    from discovery.mdns import MdnsBrowser
+    from discovery.mdns import MdnsBrowser, open_zeroconf
 
     loopback = hub.config.host in ("127.0.0.1", "localhost", "::1")
-    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"] if loopback else InterfaceChoice.All)
+    try:
+        zeroconf = open_zeroconf(["127.0.0.1"] if loopback else None)
+    except DiscoveryError as err:
+        hub.discovery_status.update(mdns=f"unavailable: {err}", ble="off")
+        _LOGGER.warning("mDNS discovery unavailable, continuing without it: %s", err)
+        yield
+        return
+    hub.zeroconf = zeroconf
     browser = MdnsBrowser(hub.onboarding, zeroconf=zeroconf)
     scanner = BleScanner(hub.onboarding)
     await browser.start()
@@ -157,3 +162,4 @@ async def _discovery(app: web.Application) -> AsyncIterator[None]:
         await scanner.stop()
         await browser.stop()
         await zeroconf.async_close()
+        hub.zeroconf = None

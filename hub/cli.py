@@ -17,9 +17,11 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from devices.errors import DeviceError
 from devices.sim.base import SimServer
 from hub import __version__
 from hub.app import build_app
@@ -63,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CIDR",
         help="a network where modules may live (repeatable; default: loopback, private and link-local ranges)",
     )
+    p.add_argument(
+        "--no-discovery", action="store_true", help="don't browse mDNS / scan BLE for modules or advertise the hub"
+    )
+    p.add_argument(
+        "--trust-demo-vendors",
+        action="store_true",
+        help="trust the PUBLIC demo vendor keys (implied by --demo; for tests and benchmarks only)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--version", action="version", version=f"ores-hub {__version__}")
     return p.parse_args(argv)
@@ -79,6 +89,8 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
         speedup=args.speedup,
         device_networks=networks,
         allow_local_names=not args.device_network,
+        discovery=not args.no_discovery,
+        trust_demo_vendor=args.demo or args.trust_demo_vendors,
     )
     sims: list[SimServer] = []
     if args.demo:
@@ -107,7 +119,15 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
     )
     print(f"Data directory: {data_dir.resolve()}", flush=True)
     _print_pairing(hub, url)
-    if sims:
+    advertiser = await _advertise(hub, args.host, port)
+    announcers: list[Any] = []
+    sim_zeroconf: Any = None
+    if sims and hub.zeroconf is not None:
+        from discovery.mdns import open_zeroconf
+
+        sim_zeroconf = open_zeroconf(["127.0.0.1"])  # the simulated modules' own mDNS responder
+        announcers = await _onboard_sims(hub, sims, sim_zeroconf)
+    elif sims:
         await _register_sims(hub, sims)
     if ready is not None:
         ready.set()
@@ -120,9 +140,100 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
         await stop.wait()
     finally:
         print("Stopping ...", flush=True)
+        for announcer in announcers:
+            await announcer.stop()
+        if sim_zeroconf is not None:
+            await sim_zeroconf.async_close()
+        if advertiser is not None:
+            await advertiser.stop()
         await runner.cleanup()
         for sim in sims:
             await sim.stop()
+
+
+async def _advertise(hub: HubContext, host: str, port: int) -> Any:
+    """Announce the hub as ``_ores-hub._tcp.local.`` so apps and modules can find it."""
+    if hub.zeroconf is None:
+        return None
+    from zeroconf import get_all_addresses  # type: ignore[attr-defined]
+
+    from discovery.mdns import HubAdvertiser
+
+    if host in ("0.0.0.0", "::", ""):
+        addresses = [a for a in get_all_addresses() if not a.startswith("127.")] or ["127.0.0.1"]
+    else:
+        addresses = ["127.0.0.1" if host == "localhost" else host]
+    advertiser = HubAdvertiser(
+        zeroconf=hub.zeroconf,
+        hub_id=hub.settings.hub_id,
+        name=hub.settings.hub.site_name,
+        port=port,
+        addresses=addresses,
+    )
+    await advertiser.start()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def window_changed(is_open: bool) -> None:
+        task = asyncio.create_task(advertiser.update(pairing_open=is_open))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    hub.onboarding.on_window_change = window_changed
+    return advertiser
+
+
+async def _onboard_sims(hub: HubContext, sims: list[SimServer], zeroconf: Any) -> list[Any]:
+    """The demo: the simulated modules announce themselves and the hub onboards them with no typing.
+
+    Policy ``auto`` with a pairing window registers every module that proves its identity; the legacy
+    SunSpec modules cannot, so the demo approves them explicitly, as a user would tap "approve"."""
+    from devices.sim.announce import announce_all
+
+    ob = hub.onboarding
+    if hub.settings.hub.onboarding_policy != "auto":
+        await hub.settings.save(hub=hub.settings.hub.model_copy(update={"onboarding_policy": "auto"}))
+    ob.open_window(600)
+    waiting = {sim.module.info.device_id for sim in sims}
+    sub = hub.bus.subscribe()
+    print(f"Onboarding {len(sims)} simulated modules over mDNS (policy auto, pairing window open):", flush=True)
+    announcers = await announce_all(sims, zeroconf=zeroconf)
+    try:
+        async with asyncio.timeout(60):
+            while waiting:
+                event = await sub.get()
+                if event is None:
+                    break
+                await _demo_event(hub, event.type, event.data, waiting)
+    except TimeoutError:
+        print(f"  not onboarded within 60 s: {', '.join(sorted(waiting))}", flush=True)
+    finally:
+        sub.close()
+    return announcers
+
+
+async def _demo_event(hub: HubContext, kind: str, data: dict[str, Any], waiting: set[str]) -> None:
+    from hub.onboarding import OnboardingError
+
+    if kind == "discovery.updated":
+        cand = data["candidate"]
+        if cand["status"] == "unverified" and cand["candidate_id"] in waiting:
+            try:
+                await hub.onboarding.approve(cand["candidate_id"], name=None, by="demo approval")
+            except (DeviceError, OnboardingError) as err:
+                print(f"  could not approve {cand['candidate_id']}: {err}", flush=True)
+        return
+    device_id = data.get("device_id")
+    if kind in ("device.registered", "device.moved") and device_id in waiting:
+        waiting.discard(device_id)
+        record = hub.registry.get(device_id)
+        if record is not None:
+            verb = "registered" if kind == "device.registered" else "found"
+            how = "authenticated" if record.authenticated else "unauthenticated, approved"
+            print(
+                f"  {verb:<10} {record.kind.value:<13} {record.device_id:<28} {record.protocol:<15} "
+                f"{record.address}  ({how})",
+                flush=True,
+            )
 
 
 def _bound_port(site: web.TCPSite, fallback: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -41,6 +41,8 @@ class HubContext:
     #: State of each discovery source ("running", "off", "unavailable: ...") and their re-scan functions.
     discovery_status: dict[str, str] = field(default_factory=dict)
     discovery_rescans: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: The hub's mDNS responder (an ``AsyncZeroconf``) while discovery runs.
+    zeroconf: Any = None
     #: The last ``/app/monitor`` body and the versions it was built from (see ``hub.api.routes``).
     monitor_cache: tuple[tuple[object, ...], float, bytes] | None = None
 

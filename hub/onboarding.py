@@ -78,6 +78,7 @@ class Candidate:
     info: DeviceInfo | None = None
     proven: bool = False
     reason: str | None = None
+    module_provisioned: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         s = self.sighting
@@ -124,6 +125,7 @@ class Onboarding:
         self._workers: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._challenges = ChallengeBook()
+        self._locks: dict[str, asyncio.Lock] = {}
         self._window_until = 0.0
         self._flood_logged_at = 0.0
         self._examined = asyncio.Condition()
@@ -287,6 +289,7 @@ class Onboarding:
             _LOGGER.warning("rejected %s from %s: %s", cand.candidate_id, s.source.value, err)
             self._reject_entry(s.source.value, s.key, str(err))
             return
+        cand.module_provisioned = getattr(driver, "provisioned", None)
         await driver.close()
         cand.info = info
         cand.proven = proven
@@ -366,7 +369,13 @@ class Onboarding:
         assert cand.info is not None
         address = self._address_of(cand.sighting)
         record, _ = await self.register(
-            address, cand.sighting.protocol, cand.info, cand.proven, name=name, by=by
+            address,
+            cand.sighting.protocol,
+            cand.info,
+            cand.proven,
+            name=name,
+            by=by,
+            module_provisioned=cand.module_provisioned,
         )
         self.candidates.pop(candidate_id, None)
         return record
@@ -380,16 +389,36 @@ class Onboarding:
         *,
         name: str | None,
         by: str | None,
+        module_provisioned: bool | None = None,
     ) -> tuple[DeviceRecord, bool]:
-        """Store a module that was identified at ``address``; provision a credential if it is proven and its
-        protocol supports one.  Returns the record and whether it is new."""
+        """Store a module that was identified at ``address``; provision a credential if it is proven, its
+        protocol supports one and it does not hold ours yet (``module_provisioned`` is what its probe said).
+        Returns the record and whether it is new.  One registration per module at a time."""
+        lock = self._locks.setdefault(info.device_id, asyncio.Lock())
+        async with lock:
+            return await self._register_locked(
+                address, protocol, info, proven, name=name, by=by, module_provisioned=module_provisioned
+            )
+
+    async def _register_locked(
+        self,
+        address: Address,
+        protocol: str,
+        info: DeviceInfo,
+        proven: bool,
+        *,
+        name: str | None,
+        by: str | None,
+        module_provisioned: bool | None,
+    ) -> tuple[DeviceRecord, bool]:
         hub = self._hub
         existing = hub.registry.get(info.device_id)
         settings = dict(existing.settings) if existing else {}
-        if proven:
-            current = settings.get(CREDENTIAL_KEY)
+        current = settings.get(CREDENTIAL_KEY)
+        if proven and (not current or module_provisioned is False):
             credential = generate_credential()
-            if await self._provision(address, protocol, credential, current=current):
+            rekey = current if module_provisioned else None
+            if await self._provision(address, protocol, credential, current=rekey):
                 settings[CREDENTIAL_KEY] = credential
         record = DeviceRecord.from_info(
             info,
@@ -479,6 +508,7 @@ class Onboarding:
             )
             self._reject_entry(sighting.source.value, sighting.key, f"claims to be {record.device_id}: {err}")
             return
+        lost_credential = proven and getattr(driver, "provisioned", None) is False
         await driver.close()
         if record.authenticated and not proven:
             self._hub.alerts.raise_(
@@ -497,9 +527,13 @@ class Onboarding:
                 clash.device_id,
                 f"{address} now answers as {record.device_id}",
             )
-        updated = await self._hub.registry.update(
-            record.device_id, address=str(address), identity=info.identity
-        )
+        changes: dict[str, Any] = {"address": str(address), "identity": info.identity}
+        if lost_credential:
+            # A factory reset (or a simulated module restarted): it answers anyone again.  Provision anew.
+            credential = generate_credential()
+            if await self._provision(address, record.protocol, credential, current=None):
+                changes["settings"] = {**record.settings, CREDENTIAL_KEY: credential}
+        updated = await self._hub.registry.update(record.device_id, **changes)
         self._hub.links.add(updated)
         self._hub.bus.publish("device.moved", device_id=record.device_id, address=str(address))
         _LOGGER.info("%s moved to %s", record.device_id, address)

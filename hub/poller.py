@@ -307,7 +307,10 @@ class LinkManager:
             and old.record.address == record.address
             and old.record.protocol == record.protocol
         ):
+            credential_changed = old.record.settings.get("credential") != record.settings.get("credential")
             old.record = record
+            if credential_changed:
+                self._spawn(old.reconnect())  # the open connection still speaks with the old credential
             return old
         if old is not None:
             self._spawn(old.stop())

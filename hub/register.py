@@ -58,6 +58,7 @@ async def register_module(
     whether it is new.  Typing an address is an explicit approval, so unauthenticated modules are accepted."""
     check_address(address, hub.config.device_networks, hub.config.allow_local_names)
     driver, info, proven = await hub.onboarding.identify(address, protocol, claimed=None)
+    module_provisioned = getattr(driver, "provisioned", None)
     await driver.close()
     clash = hub.registry.find_by_address(str(address))
     if clash is not None and clash.device_id != info.device_id:
@@ -68,4 +69,6 @@ async def register_module(
             f"{address} now answers as {info.device_id}, registered as {clash.device_id}",
         )
         raise AddressInUse(str(address), clash.device_id, info.device_id)
-    return await hub.onboarding.register(address, driver.protocol, info, proven, name=name, by="address")
+    return await hub.onboarding.register(
+        address, driver.protocol, info, proven, name=name, by="address", module_provisioned=module_provisioned
+    )

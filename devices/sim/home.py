@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from devices.attest import SimAttestation, demo_vendor_key, make_sim_attestation
 from devices.model import DeviceKind
 from devices.sim.base import SimServer, SimulatedModule
 from devices.sim.ores_http_server import start_ores_http_server
@@ -31,9 +32,23 @@ def protocol_for(module: SimulatedModule, index: int) -> str:
     return ("sunspec-legacy", "sunspec-der", "ores-http")[index % 3]
 
 
+def demo_attestation(module: SimulatedModule) -> SimAttestation:
+    """A device key and certificate for a simulated module, signed by its vendor's PUBLIC demo key
+    (``devices.attest.demo_vendor_key``); the device key is derived from vendor and serial, so a module keeps
+    its key across restarts like real hardware does."""
+    ident = module.info.identity
+    return make_sim_attestation(
+        demo_vendor_key(ident.vendor),
+        vendor=ident.vendor,
+        model=ident.model,
+        serial=ident.serial,
+        seed=f"{ident.vendor}\0{ident.serial}".encode(),
+    )
+
+
 async def serve_module(module: SimulatedModule, protocol: str, host: str = "127.0.0.1") -> SimServer:
     if protocol == "ores-http":
-        return await start_ores_http_server(module, host=host)
+        return await start_ores_http_server(module, host=host, attestation=demo_attestation(module))
     profile = "der" if protocol == "sunspec-der" else "legacy"
     return await start_sunspec_server(module, host=host, profile=profile)
 

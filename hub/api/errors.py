@@ -15,7 +15,14 @@ from typing import Any
 
 from aiohttp import web
 
-from devices.errors import CommandRejected, DeviceError, DeviceUnreachable, NotSupported, ProtocolError
+from devices.errors import (
+    AuthenticationFailed,
+    CommandRejected,
+    DeviceError,
+    DeviceUnreachable,
+    NotSupported,
+    ProtocolError,
+)
 from hub.auth import AuthError, RateLimited
 
 _LOGGER = logging.getLogger(__name__)
@@ -67,7 +74,9 @@ def device_error_to_api(err: DeviceError) -> ApiError:
         return ApiError(409, "device_unreachable", f"the module did not answer: {err}")
     if isinstance(err, ProtocolError):
         return ApiError(502, "protocol_error", f"the module answered badly: {err}")
-    return ApiError(502, "device_error", str(err))
+    if isinstance(err, AuthenticationFailed):
+        return ApiError(409, "device_auth_failed", f"the module refused the hub's credential: {err}")
+    return ApiError(409, "device_error", str(err))
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

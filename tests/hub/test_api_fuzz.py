@@ -73,6 +73,7 @@ def running_home(tmp_path: Path) -> Iterator[tuple[str, str]]:
             str(tmp_path / "data"),
             "--device-network",
             "127.0.0.0/8",
+            "--trust-demo-vendors",
             "--log-level",
             "WARNING",
         ],

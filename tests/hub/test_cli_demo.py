@@ -96,7 +96,7 @@ def test_demo_onboards_the_simulated_home_and_survives_restarts(tmp_path: Path, 
     hub = HubProcess(data, "--demo")
     procs.append(hub)
     code = hub.expect(r"Pairing code: (\d{4}-\d{4})").group(1)
-    count = int(hub.expect(r"Registering (\d+) simulated modules").group(1))
+    count = int(hub.expect(r"Onboarding (\d+) simulated modules").group(1))
     assert count == DEMO_MODULES
     for _ in range(count):
         hub.expect(r"registered\s+\w+")
@@ -124,10 +124,22 @@ def test_demo_onboards_the_simulated_home_and_survives_restarts(tmp_path: Path, 
     procs.append(hub2)
     hub2.expect(r"Paired clients exist")
     for _ in range(DEMO_MODULES):
-        hub2.expect(r"registered\s+\w+")
+        hub2.expect(r"(?:registered|found)\s+\w+")
     listing = hub2.call("/device/register", token)
     assert {d["device_id"] for d in listing["devices"]} == ids
     assert len(listing["devices"]) == DEMO_MODULES
+    # The ORES-HTTP modules proved their identity (and were provisioned again after their restart); the
+    # SunSpec ones are registered by the demo's explicit approval, unauthenticated.
+    by_protocol = {(d["protocol"], d["authenticated"]) for d in listing["devices"]}
+    assert by_protocol == {("ores-http", True), ("sunspec-modbus", False)}
+
+    def all_online_again() -> Any:
+        monitor = hub2.call("/app/monitor", token)
+        return all(d["online"] for d in monitor["devices"])
+
+    wait_for(all_online_again)
+    security = hub2.call("/device/security/authenticate", token)
+    assert all(d["provisioned"] for d in security["devices"] if d["protocol"] == "ores-http")
 
     # SIGKILL mid-flight: the registry survives; everything acknowledged is there after a restart.
     assert hub2.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -141,7 +153,7 @@ def test_sigkill_during_registration_loses_no_acknowledged_module(tmp_path: Path
     data = tmp_path / "kill"
     hub = HubProcess(data, "--demo")
     procs.append(hub)
-    hub.expect(r"Registering \d+ simulated modules")
+    hub.expect(r"Onboarding \d+ simulated modules")
     acked = [hub.expect(r"registered\s+\w+\s+(\S+)").group(1) for _ in range(3)]
     hub.proc.send_signal(signal.SIGKILL)
     hub.proc.wait()
