@@ -169,3 +169,43 @@ async def probe_address(
         return driver, info
     assert best is not None
     raise best
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareSlots:
+    """A module's firmware as it reports it: the running (active) slot, the other (inactive) slot, and the
+    state of an update in progress.
+
+    state: ``idle``, ``receiving``, ``verifying``, ``installing``, ``rebooting``, ``failed``; unknown values
+    are kept as they come.  ``received_bytes`` counts the bytes of the image being received (resume point).
+    """
+
+    active_version: str
+    inactive_version: str | None
+    state: str
+    received_bytes: int = 0
+    error: str | None = None
+
+
+@runtime_checkable
+class FirmwareCapable(Protocol):
+    """A driver that can move a signed firmware image to its module (ORES-HTTP and BLE drivers).
+
+    The hub has verified the image before it calls these; the module verifies it again itself.  Raises only
+    ``devices.errors`` exceptions; ``CommandRejected`` carries the module's reason for refusing.
+    """
+
+    async def firmware_status(self) -> FirmwareSlots: ...
+
+    async def firmware_begin(self, manifest: bytes, signature: bytes) -> int:
+        """Announce an image (the manifest's canonical bytes and its signature).  Returns how many bytes of
+        that same image the module already holds (0, or more when resuming an interrupted transfer)."""
+
+    async def firmware_chunk(self, offset: int, data: bytes) -> int:
+        """Send ``data`` at ``offset``; returns the module's new received byte count."""
+
+    async def firmware_install(self) -> None:
+        """The whole image is there: the module verifies it, writes its inactive slot and reboots into it."""
+
+    async def firmware_rollback(self) -> None:
+        """Boot the previous slot again (after a failed health check)."""
