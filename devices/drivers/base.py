@@ -131,6 +131,17 @@ def register_driver(factory: DriverFactory) -> DriverFactory:
     return factory
 
 
+def replace_driver(factory: DriverFactory) -> DriverFactory | None:
+    """Put ``factory`` in the place of the registered driver of the same protocol (or at the end); returns
+    the one it replaced, so it can be put back.  For integrators wrapping a driver, and for tests."""
+    for i, old in enumerate(_REGISTRY):
+        if old.protocol == factory.protocol:
+            _REGISTRY[i] = factory
+            return old
+    _REGISTRY.append(factory)
+    return None
+
+
 def registered_drivers() -> tuple[DriverFactory, ...]:
     return tuple(_REGISTRY)
 
