@@ -225,19 +225,6 @@ def _resolution_used(resolution: str, start: float, end: float) -> str:
 
 @router.route(
     "GET",
-    "/microinverter/status",
-    summary="Microinverters: identity and status",
-    tag="microinverter",
-    query=s.DeviceQuery,
-    response=s.KindStatus,
-    errors=(404,),
-)
-async def inverter_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
-    return kind_status(ctx(call), DeviceKind.MICROINVERTER, call.query.device_id)
-
-
-@router.route(
-    "GET",
     "/microinverter/energy",
     summary="Microinverters: production now and over time",
     tag="microinverter",
@@ -247,19 +234,6 @@ async def inverter_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
 )
 async def inverter_energy(call: Call[s.RangeQuery, None]) -> s.EnergyOut:
     return await series(call, DeviceKind.MICROINVERTER, ["power_w", "energy_out_wh"])
-
-
-@router.route(
-    "GET",
-    "/microinverter/control",
-    summary="Microinverters: command in force",
-    tag="microinverter",
-    query=s.DeviceQuery,
-    response=s.ControlStates,
-    errors=(404,),
-)
-async def inverter_control_get(call: Call[s.DeviceQuery, None]) -> s.ControlStates:
-    return controls_of(call, DeviceKind.MICROINVERTER)
 
 
 @router.route(
@@ -281,36 +255,7 @@ async def inverter_control(call: Call[Empty, s.InverterControlIn]) -> s.ControlR
     )
 
 
-@router.route(
-    "DELETE",
-    "/microinverter/control",
-    summary="End a direct microinverter command",
-    tag="microinverter",
-    role=Role.HOMEOWNER,
-    query=s.DeviceQuery,
-    response=s.ControlResults,
-    errors=(404, 409, 422, 502),
-)
-async def inverter_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
-    return await issue_commands(
-        call, DeviceKind.MICROINVERTER, call.query.device_id, Setpoint(release=True), None
-    )
-
-
 # ----------------------------------------------------------------------------------------------- energystorage
-
-
-@router.route(
-    "GET",
-    "/energystorage/status",
-    summary="Batteries: SoC, SoH, temperature and state",
-    tag="energystorage",
-    query=s.DeviceQuery,
-    response=s.KindStatus,
-    errors=(404,),
-)
-async def storage_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
-    return kind_status(ctx(call), DeviceKind.ENERGYSTORAGE, call.query.device_id)
 
 
 @router.route(
@@ -326,19 +271,6 @@ async def storage_history(call: Call[s.RangeQuery, None]) -> s.EnergyOut:
     return await series(
         call, DeviceKind.ENERGYSTORAGE, ["power_w", "soc_pct", "energy_out_wh", "energy_in_wh"]
     )
-
-
-@router.route(
-    "GET",
-    "/energystorage/control",
-    summary="Batteries: command in force",
-    tag="energystorage",
-    query=s.DeviceQuery,
-    response=s.ControlStates,
-    errors=(404,),
-)
-async def storage_control_get(call: Call[s.DeviceQuery, None]) -> s.ControlStates:
-    return controls_of(call, DeviceKind.ENERGYSTORAGE)
 
 
 @router.route(
@@ -381,36 +313,7 @@ async def storage_control(call: Call[Empty, s.StorageControlIn]) -> s.ControlRes
     return await issue_commands(call, DeviceKind.ENERGYSTORAGE, b.device_id, setpoint, b.ttl_s)
 
 
-@router.route(
-    "DELETE",
-    "/energystorage/control",
-    summary="End a direct battery command",
-    tag="energystorage",
-    role=Role.HOMEOWNER,
-    query=s.DeviceQuery,
-    response=s.ControlResults,
-    errors=(404, 409, 422, 502),
-)
-async def storage_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
-    return await issue_commands(
-        call, DeviceKind.ENERGYSTORAGE, call.query.device_id, Setpoint(release=True), None
-    )
-
-
 # ----------------------------------------------------------------------------------------------- smart plugs
-
-
-@router.route(
-    "GET",
-    "/smartplug/status",
-    summary="Smart plugs: relay, load, priority",
-    tag="smartplug",
-    query=s.DeviceQuery,
-    response=s.KindStatus,
-    errors=(404,),
-)
-async def plug_status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
-    return kind_status(ctx(call), DeviceKind.SMARTPLUG, call.query.device_id)
 
 
 @router.route(
@@ -428,20 +331,57 @@ async def plug_control(call: Call[Empty, s.PlugControlIn]) -> s.ControlResults:
     return await issue_commands(call, DeviceKind.SMARTPLUG, b.device_id, Setpoint(on=b.on), b.ttl_s)
 
 
-@router.route(
-    "DELETE",
-    "/smartplug/control",
-    summary="End a direct plug command",
-    tag="smartplug",
-    role=Role.HOMEOWNER,
-    query=s.DeviceQuery,
-    response=s.ControlResults,
-    errors=(404, 409, 422, 502),
-)
-async def plug_control_release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
-    return await issue_commands(
-        call, DeviceKind.SMARTPLUG, call.query.device_id, Setpoint(release=True), None
-    )
+# ----------------------------------------------------------------------------------------------- per kind
+
+
+def _kind_routes(kind: DeviceKind, label: str) -> None:
+    """The read and release operations every controllable kind has, under ``/{kind}/...``."""
+    prefix = f"/{kind.value}"
+
+    async def status(call: Call[s.DeviceQuery, None]) -> s.KindStatus:
+        return kind_status(ctx(call), kind, call.query.device_id)
+
+    async def control_get(call: Call[s.DeviceQuery, None]) -> s.ControlStates:
+        return controls_of(call, kind)
+
+    async def release(call: Call[s.DeviceQuery, None]) -> s.ControlResults:
+        """Ends the direct command: the module returns to its schedule or its own default at once."""
+        return await issue_commands(call, kind, call.query.device_id, Setpoint(release=True), None)
+
+    tag = kind.value
+    router.route(
+        "GET",
+        f"{prefix}/status",
+        summary=f"{label}: identity, state and latest sample",
+        tag=tag,
+        query=s.DeviceQuery,
+        response=s.KindStatus,
+        errors=(404,),
+    )(status)
+    router.route(
+        "GET",
+        f"{prefix}/control",
+        summary=f"{label}: the command in force and its source",
+        tag=tag,
+        query=s.DeviceQuery,
+        response=s.ControlStates,
+        errors=(404,),
+    )(control_get)
+    router.route(
+        "DELETE",
+        f"{prefix}/control",
+        summary=f"{label}: end a direct command",
+        tag=tag,
+        role=Role.HOMEOWNER,
+        query=s.DeviceQuery,
+        response=s.ControlResults,
+        errors=(404, 409, 422, 502),
+    )(release)
+
+
+_kind_routes(DeviceKind.MICROINVERTER, "Microinverters")
+_kind_routes(DeviceKind.ENERGYSTORAGE, "Batteries")
+_kind_routes(DeviceKind.SMARTPLUG, "Smart plugs")
 
 
 # ----------------------------------------------------------------------------------------------- device
