@@ -91,6 +91,7 @@ _SHOW_CHARS = 24
 
 # Flood handling: a burst of drops is logged once; it ends after this long without a drop.
 _FLOOD_QUIET_S = 10.0
+_MAX_REMEMBERED_DROPS = 4096
 
 
 # ----------------------------------------------------------------------------------------------- TXT format
@@ -489,6 +490,9 @@ class MdnsBrowser:
         self._flood_since: float | None = None
         self._flood_dropped = 0
         self._last_drop = 0.0
+        # Names dropped by the flood guard, retried once the flood is over (bounded; oldest forgotten).
+        self._dropped_names: dict[str, None] = {}
+        self._retry_task: asyncio.Task[None] | None = None
         self._counts = {"heard": 0, "admitted": 0, "dropped": 0, "seen": 0, "rejected": 0, "gone": 0}
 
     # ---------------------------------------------------------------------------------------- lifecycle
@@ -539,6 +543,10 @@ class MdnsBrowser:
         if browser is not None:
             await browser.async_cancel()
         workers = list(self._workers)
+        if self._retry_task is not None:
+            workers.append(self._retry_task)
+            self._retry_task = None
+        self._dropped_names.clear()
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
@@ -637,6 +645,29 @@ class MdnsBrowser:
                 _show(name.encode("utf-8", "replace"), limit=255),
             )
         self._flood_dropped += 1
+        self._dropped_names.pop(name, None)
+        self._dropped_names[name] = None
+        while len(self._dropped_names) > _MAX_REMEMBERED_DROPS:
+            del self._dropped_names[next(iter(self._dropped_names))]
+        if self._running and (self._retry_task is None or self._retry_task.done()):
+            self._retry_task = asyncio.get_running_loop().create_task(
+                self._retry_dropped(), name=f"mdns-retry-{self._type}"
+            )
+
+    async def _retry_dropped(self) -> None:
+        """Once announcements have been quiet for a while, admit the names the flood guard dropped (as many
+        as the bucket allows; the rest wait for the next quiet spell).  Only dropped names are retried, so a
+        large installation announcing at once is onboarded in a few rounds instead of waiting for a rescan."""
+        while self._running and self._dropped_names:
+            quiet_for = self._clock() - self._last_drop
+            if quiet_for < _FLOOD_QUIET_S:
+                await asyncio.sleep(max(0.5, _FLOOD_QUIET_S - quiet_for))
+                continue
+            self._end_flood(force=True)
+            names = list(self._dropped_names)
+            self._dropped_names.clear()
+            for name in names:
+                self._admit(name)
 
     def _end_flood(self, *, now: float | None = None, force: bool = False) -> None:
         if self._flood_since is None:
@@ -650,6 +681,7 @@ class MdnsBrowser:
         self._flood_since = None
 
     def _on_removed(self, name: str) -> None:
+        self._dropped_names.pop(name, None)
         self._pending.pop(name, None)
         self._again.discard(name)
         if name in self._in_flight:

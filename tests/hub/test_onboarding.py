@@ -4,6 +4,7 @@ and the attacks of issue 3 (each rejected with a logged reason, nothing register
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -329,3 +330,23 @@ async def test_goodbye_marks_a_registered_module_offline_without_deleting_it(lab
     hub.ctx.onboarding.gone(Source.MDNS, s.key, "goodbye")
     assert not live.online
     assert hub.ctx.registry.get(s.claimed_id) is not None
+
+
+async def test_discovery_changes_reach_the_push_stream(lab: Lab) -> None:
+    hub = lab.hub
+    _, server = await lab.module(DeviceKind.SMARTPLUG, "PLUG-SSE")
+    url = hub.url("/app/monitor/stream")
+    async with hub.session.get(url, params={"access_token": hub.token}) as resp:
+        assert resp.status == 200
+        lab.announce(server)
+        statuses: list[str] = []
+        event = None
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "discovery.updated":
+                statuses.append(json.loads(line[6:])["candidate"]["status"])
+                if statuses[-1] == "verified":
+                    break
+        assert statuses[0] == "pending" and statuses[-1] == "verified"
