@@ -7,7 +7,9 @@ the domain values of ``devices.model`` or raise a ``WireError`` whose message na
 ``WireFormatError`` for a malformed body or wrong type, ``WireRangeError`` for a well-formed value out of
 range, ``WireUnsupportedError`` for a body that is not ORES-HTTP 1.x at all.  Unknown fields are ignored and
 unknown enum values map to ``UNKNOWN``, as the versioning rules require.  The authentication bodies (§6:
-challenge, certificate, credential) are here too; their cryptography lives in ``devices.attest``.
+challenge, certificate, credential) are here too; their cryptography lives in ``devices.attest``; so are the
+firmware update bodies (§9: the slots status, begin, received count), whose signature checks live in
+``firmware.verify``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from devices.attest import (
     decode_b64,
     encode_b64,
 )
+from devices.drivers.base import FirmwareSlots
 from devices.model import (
     Capabilities,
     DeviceInfo,
@@ -59,6 +62,18 @@ __all__ = [
     "AuthChallengeReplyJSON",
     "AuthCredentialJSON",
     "CapabilitiesJSON",
+    "FIRMWARE_BEGIN_PATH",
+    "FIRMWARE_IMAGE_PATH",
+    "FIRMWARE_INSTALL_PATH",
+    "FIRMWARE_PATH",
+    "FIRMWARE_ROLLBACK_PATH",
+    "FIRMWARE_STATES",
+    "MAX_FIRMWARE_BEGIN_BYTES",
+    "MAX_FIRMWARE_CHUNK_BYTES",
+    "FirmwareBeginJSON",
+    "FirmwareErrorJSON",
+    "FirmwareReceivedJSON",
+    "FirmwareStatusJSON",
     "ControlJSON",
     "ControlRequest",
     "ErrorDetailJSON",
@@ -84,6 +99,9 @@ __all__ = [
     "decode_json",
     "encode_json",
     "error_to_wire",
+    "firmware_begin_to_wire",
+    "firmware_received_to_wire",
+    "firmware_status_to_wire",
     "format_ts",
     "generate_credential",
     "identity_to_wire",
@@ -93,6 +111,9 @@ __all__ = [
     "parse_auth_credential",
     "parse_control",
     "parse_error",
+    "parse_firmware_begin",
+    "parse_firmware_received",
+    "parse_firmware_status",
     "parse_identity",
     "parse_identity_provisioned",
     "parse_status",
@@ -126,6 +147,22 @@ AUTH_CHALLENGE_PATH = "auth/challenge"
 AUTH_CREDENTIAL_PATH = "auth/credential"
 #: Random bytes in a credential the hub issues (sent as standard base64: 44 characters).
 CREDENTIAL_BYTES = 32
+
+#: Firmware update endpoints (docs/module-protocol.md §9), relative to the base path.
+FIRMWARE_PATH = "firmware"
+FIRMWARE_BEGIN_PATH = "firmware/begin"
+FIRMWARE_IMAGE_PATH = "firmware/image"
+FIRMWARE_INSTALL_PATH = "firmware/install"
+FIRMWARE_ROLLBACK_PATH = "firmware/rollback"
+#: Largest image chunk one ``PUT /firmware/image`` carries (a module MUST accept this much).
+MAX_FIRMWARE_CHUNK_BYTES = 256 * 1024
+#: Largest ``POST /firmware/begin`` body: a manifest of up to 64 KiB in base64, and the signature.
+MAX_FIRMWARE_BEGIN_BYTES = 128 * 1024
+#: The firmware states a module reports (others are kept as they come).
+FIRMWARE_STATES = ("idle", "receiving", "verifying", "installing", "rebooting", "failed")
+_MAX_FIRMWARE_VERSION_LEN = 256
+_MAX_MANIFEST_BYTES = 64 * 1024
+_SNAKE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 _VERSION_RE = re.compile(r"^(\d{1,4})\.(\d{1,4})$")
 _MAX_TS_LEN = 64
@@ -249,6 +286,36 @@ class AuthCredentialJSON(TypedDict):
     hub_id: str
 
 
+class FirmwareErrorJSON(TypedDict):
+    """Why the last firmware operation was refused or failed."""
+
+    code: str
+    message: str
+
+
+class FirmwareStatusJSON(TypedDict):
+    """``GET /firmware``: the slots and the state of an update (also the install/rollback reply)."""
+
+    active_version: str
+    inactive_version: str | None
+    state: str
+    received_bytes: int
+    error: FirmwareErrorJSON | None
+
+
+class FirmwareBeginJSON(TypedDict):
+    """``POST /firmware/begin`` request: the manifest file and its signature, both base64."""
+
+    manifest: str
+    signature: str
+
+
+class FirmwareReceivedJSON(TypedDict):
+    """``POST /firmware/begin`` and ``PUT /firmware/image`` reply."""
+
+    received_bytes: int
+
+
 class ErrorDetailJSON(TypedDict):
     code: str
     message: str
@@ -312,10 +379,11 @@ def _reject_constant(name: str) -> Any:
     raise WireFormatError(f"JSON constant {name} is not allowed (numbers must be finite)")
 
 
-def decode_json(body: bytes) -> object:
-    """Strictly decode a UTF-8 JSON body: no ``NaN``/``Infinity``, no overflowing numbers."""
-    if len(body) > MAX_BODY_BYTES:
-        raise WireFormatError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+def decode_json(body: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> object:
+    """Strictly decode a UTF-8 JSON body of at most ``max_bytes``: no ``NaN``/``Infinity``, no overflowing
+    numbers."""
+    if len(body) > max_bytes:
+        raise WireFormatError(f"body of {len(body)} bytes exceeds {max_bytes}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -791,6 +859,104 @@ def parse_auth_credential(value: object) -> tuple[str, str]:
     credential = obj["credential"]
     assert isinstance(credential, str)  # decode_b64 accepted it
     return credential, _hub_id_field(obj, "credential")
+
+
+# -------------------- firmware update (§9)
+
+
+def _b64_bytes(value: object, where: str, max_bytes: int) -> bytes:
+    """Standard padded base64 (canonical) of at most ``max_bytes`` bytes."""
+    if not isinstance(value, str):
+        raise WireFormatError(f"{where}: expected a base64 string, got {_type_name(value)}", field=where)
+    if len(value) > 4 * ((max_bytes + 2) // 3):
+        raise WireFormatError(f"{where}: more than {max_bytes} bytes", field=where)
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as err:
+        raise WireFormatError(f"{where}: not base64", field=where) from err
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise WireFormatError(f"{where}: not canonical base64", field=where)
+    return raw
+
+
+def _count(value: object, where: str) -> int:
+    """A byte count: an integer >= 0 (JSON integers only)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireFormatError(f"{where}: expected an integer, got {_type_name(value)}", field=where)
+    if not 0 <= value <= 2**53:
+        raise WireRangeError(f"{where}: {value} is outside 0..2^53", field=where)
+    return value
+
+
+def firmware_status_to_wire(slots: FirmwareSlots) -> FirmwareStatusJSON:
+    """The ``GET /firmware`` body.  ``slots.error`` (``"code: message"``) becomes ``{"code", "message"}``
+    (code ``failed`` when it does not start with a snake_case code)."""
+    error: FirmwareErrorJSON | None = None
+    if slots.error is not None:
+        code, sep, message = slots.error.partition(": ")
+        if sep and _SNAKE.fullmatch(code):
+            error = {"code": code, "message": message}
+        else:
+            error = {"code": "failed", "message": slots.error}
+    return {
+        "active_version": slots.active_version,
+        "inactive_version": slots.inactive_version,
+        "state": slots.state,
+        "received_bytes": slots.received_bytes,
+        "error": error,
+    }
+
+
+def parse_firmware_status(value: object, where: str = "firmware") -> FirmwareSlots:
+    """Parse a ``GET /firmware`` body (also the install and rollback replies).  Unknown states are kept;
+    ``error`` becomes ``"code: message"``."""
+    obj = _object(value, where)
+    active = _string(
+        _required(obj, "active_version", where), f"{where}.active_version", max_len=_MAX_FIRMWARE_VERSION_LEN
+    )
+    inactive_raw = obj.get("inactive_version")
+    inactive = (
+        None
+        if inactive_raw is None
+        else _string(inactive_raw, f"{where}.inactive_version", max_len=_MAX_FIRMWARE_VERSION_LEN)
+    )
+    state = _string(_required(obj, "state", where), f"{where}.state", min_len=1, max_len=64)
+    received_raw = obj.get("received_bytes")
+    received = 0 if received_raw is None else _count(received_raw, f"{where}.received_bytes")
+    error_raw = obj.get("error")
+    error: str | None = None
+    if error_raw is not None:
+        err = _object(error_raw, f"{where}.error")
+        code = _string(_required(err, "code", f"{where}.error"), f"{where}.error.code", min_len=1, max_len=64)
+        message = _string(err.get("message", ""), f"{where}.error.message", max_len=1024)
+        error = f"{code}: {message}" if message else code
+    return FirmwareSlots(active, inactive, state, received, error)
+
+
+def firmware_begin_to_wire(manifest: bytes, signature: bytes) -> FirmwareBeginJSON:
+    return {
+        "manifest": base64.b64encode(manifest).decode("ascii"),
+        "signature": base64.b64encode(signature).decode("ascii"),
+    }
+
+
+def parse_firmware_begin(value: object) -> tuple[bytes, bytes]:
+    """Parse a ``POST /firmware/begin`` body into (manifest bytes, signature bytes).  Only the encoding is
+    checked here (base64, a manifest of at most 64 KiB); what they say is ``firmware.verify``'s job."""
+    obj = _object(value, "begin")
+    manifest = _b64_bytes(_required(obj, "manifest", "begin"), "begin.manifest", _MAX_MANIFEST_BYTES)
+    signature = _b64_bytes(_required(obj, "signature", "begin"), "begin.signature", 1024)
+    return manifest, signature
+
+
+def firmware_received_to_wire(received_bytes: int) -> FirmwareReceivedJSON:
+    return {"received_bytes": received_bytes}
+
+
+def parse_firmware_received(value: object) -> int:
+    """Parse the ``{"received_bytes": n}`` reply of begin and image."""
+    obj = _object(value, "firmware reply")
+    return _count(_required(obj, "received_bytes", "firmware reply"), "firmware reply.received_bytes")
 
 
 # -------------------- errors
