@@ -7,10 +7,14 @@ precise reason); telemetry is a fixed little-endian struct in which NaN means "n
 else (identity, control, status, authentication, credential) is compact UTF-8 JSON of at most 512 bytes, the
 largest value an ATT attribute can hold.  JSON parsing reuses the ORES-HTTP readers (``devices.ores_http_wire``)
 so both transports share one vocabulary; the JSON parsers here raise that module's ``WireError`` subclasses.
+The firmware update (§3.9) adds a firmware characteristic (JSON requests written, the ORES-HTTP ``GET
+/firmware`` body read) and a data characteristic whose values are a 4-byte little-endian offset followed by
+image bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from collections.abc import Mapping
@@ -25,6 +29,7 @@ from devices.attest import (
     decode_b64,
     encode_b64,
 )
+from devices.drivers.base import FirmwareSlots
 from devices.model import (
     Capabilities,
     DeviceInfo,
@@ -43,10 +48,12 @@ from devices.ores_http_wire import (
     control_to_wire,
     decode_json,
     encode_json,
+    firmware_status_to_wire,
     identity_to_wire,
     parse_auth_challenge,
     parse_auth_credential,
     parse_control,
+    parse_firmware_status,
     parse_identity,
     parse_identity_provisioned,
 )
@@ -60,6 +67,11 @@ __all__ = [
     "CERTIFICATE_CHAR_UUID",
     "CONTROL_CHAR_UUID",
     "CREDENTIAL_CHAR_UUID",
+    "DEFAULT_FIRMWARE_WRITE_BYTES",
+    "FIRMWARE_CHAR_UUID",
+    "FIRMWARE_DATA_CHAR_UUID",
+    "FIRMWARE_DATA_HEADER_LEN",
+    "FIRMWARE_MANIFEST_PIECE_BYTES",
     "FLAG_UNPROVISIONED",
     "GATT_PROTOCOL_NAME",
     "GATT_PROTOCOL_VERSION",
@@ -79,6 +91,8 @@ __all__ = [
     "BleAnnouncement",
     "CredentialOp",
     "CredentialRequest",
+    "FirmwareOp",
+    "FirmwareRequest",
     "GattStatus",
     "decode_telemetry",
     "encode_advertisement",
@@ -87,6 +101,9 @@ __all__ = [
     "encode_challenge",
     "encode_control",
     "encode_credential_request",
+    "encode_firmware_data",
+    "encode_firmware_request",
+    "encode_firmware_value",
     "encode_identity",
     "encode_status",
     "encode_telemetry",
@@ -97,6 +114,9 @@ __all__ = [
     "parse_challenge",
     "parse_control_value",
     "parse_credential_request",
+    "parse_firmware_data",
+    "parse_firmware_request",
+    "parse_firmware_value",
     "parse_identity_provisioned_value",
     "parse_identity_value",
     "parse_status_value",
@@ -122,6 +142,10 @@ AUTH_CHAR_UUID: Final = "cc940105-bc28-4fba-9f7d-11a530a5dc03"
 CERTIFICATE_CHAR_UUID: Final = "cc940106-bc28-4fba-9f7d-11a530a5dc03"
 #: write: provision / login / deprovision JSON.
 CREDENTIAL_CHAR_UUID: Final = "cc940107-bc28-4fba-9f7d-11a530a5dc03"
+#: write: firmware requests (manifest, begin, install, rollback, status); read: the firmware status JSON.
+FIRMWARE_CHAR_UUID: Final = "cc940108-bc28-4fba-9f7d-11a530a5dc03"
+#: write (without response): image data, a 4-byte little-endian offset then the bytes.
+FIRMWARE_DATA_CHAR_UUID: Final = "cc940109-bc28-4fba-9f7d-11a530a5dc03"
 
 #: The ``protocol`` marker of the GATT identity JSON, and its version.
 GATT_PROTOCOL_NAME: Final = "ores-ble"
@@ -614,3 +638,122 @@ def parse_credential_request(data: bytes) -> CredentialRequest:
     raise WireFormatError(
         f"credential.op: expected one of {', '.join(_CREDENTIAL_OPS)}", field="credential.op"
     )
+
+
+# -------------------- firmware update (§3.9)
+
+#: Raw manifest bytes one ``manifest`` request carries (base64 in the JSON: 344 characters).
+FIRMWARE_MANIFEST_PIECE_BYTES: Final = 256
+#: The offset in front of every data write.
+FIRMWARE_DATA_HEADER_LEN: Final = 4
+#: Image bytes per data write with an ATT MTU of 247 (a 244-byte value: 4-byte offset + 240 bytes).
+DEFAULT_FIRMWARE_WRITE_BYTES: Final = 240
+_MAX_MANIFEST_BYTES: Final = 64 * 1024
+_FIRMWARE_DATA = struct.Struct("<I")
+
+FirmwareOp = Literal["manifest", "begin", "install", "rollback", "status"]
+_FIRMWARE_OPS: Final = ("manifest", "begin", "install", "rollback", "status")
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareRequest:
+    """A write to the firmware characteristic.  ``manifest`` carries ``offset`` and ``data`` (a piece of the
+    manifest file), ``begin`` the ``signature`` (64 bytes, refused by the module otherwise), the others
+    nothing but ``seq``."""
+
+    seq: int
+    op: FirmwareOp
+    offset: int | None = None
+    data: bytes | None = None
+    signature: bytes | None = None
+
+
+def encode_firmware_request(request: FirmwareRequest) -> bytes:
+    body: dict[str, object] = {"seq": request.seq, "op": request.op}
+    if request.offset is not None:
+        body["offset"] = request.offset
+    if request.data is not None:
+        if len(request.data) > FIRMWARE_MANIFEST_PIECE_BYTES:
+            raise ValueError(f"a manifest piece is at most {FIRMWARE_MANIFEST_PIECE_BYTES} bytes")
+        body["data"] = base64.b64encode(request.data).decode("ascii")
+    if request.signature is not None:
+        body["signature"] = base64.b64encode(request.signature).decode("ascii")
+    return _encode_value(body, "firmware")
+
+
+def _b64_piece(obj: Mapping[str, object], key: str, limit: int) -> bytes:
+    where = f"firmware.{key}"
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise WireFormatError(f"{where}: expected a base64 string", field=where)
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as err:
+        raise WireFormatError(f"{where}: not base64", field=where) from err
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise WireFormatError(f"{where}: not canonical base64", field=where)
+    if len(raw) > limit:
+        raise WireRangeError(f"{where}: more than {limit} bytes", field=where)
+    return raw
+
+
+def parse_firmware_request(data: bytes) -> FirmwareRequest:
+    """Module side: a firmware request.  ``manifest`` needs ``offset`` (0..65535) and ``data`` (base64 of at
+    most ``FIRMWARE_MANIFEST_PIECE_BYTES``), ``begin`` needs ``signature`` (base64)."""
+    obj = _decode_value(data, "firmware")
+    seq = _seq(obj, "firmware")
+    op = obj.get("op")
+    if op == "manifest":
+        offset = obj.get("offset")
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise WireFormatError("firmware.offset: expected an integer", field="firmware.offset")
+        if not 0 <= offset < _MAX_MANIFEST_BYTES:
+            raise WireRangeError(
+                f"firmware.offset: {offset} is outside 0..{_MAX_MANIFEST_BYTES - 1}", field="firmware.offset"
+            )
+        piece = _b64_piece(obj, "data", FIRMWARE_MANIFEST_PIECE_BYTES)
+        return FirmwareRequest(seq, "manifest", offset=offset, data=piece)
+    if op == "begin":
+        return FirmwareRequest(seq, "begin", signature=_b64_piece(obj, "signature", 128))
+    if op in ("install", "rollback", "status"):
+        return FirmwareRequest(seq, op)  # type: ignore[arg-type]  # narrowed by the test above
+    raise WireFormatError(f"firmware.op: expected one of {', '.join(_FIRMWARE_OPS)}", field="firmware.op")
+
+
+def encode_firmware_value(slots: FirmwareSlots) -> bytes:
+    """The firmware characteristic's value: the ORES-HTTP ``GET /firmware`` body, compact, with the error
+    message shortened so that the value fits 512 bytes.  ``ValueError`` if the versions alone do not."""
+    body = firmware_status_to_wire(slots)
+    error = body["error"]
+    if error is not None:
+        error["message"] = error["message"][:300]
+        while len(encode_json(body)) > MAX_VALUE_LEN and error["message"]:
+            error["message"] = error["message"][: len(error["message"]) // 2]
+    return _encode_value(body, "firmware")
+
+
+def parse_firmware_value(data: bytes) -> FirmwareSlots:
+    """Hub side: the firmware characteristic's value."""
+    return parse_firmware_status(_decode_value(data, "firmware"), "firmware")
+
+
+def encode_firmware_data(offset: int, data: bytes) -> bytes:
+    """One data write: ``offset`` as uint32 little-endian, then ``data`` (``ValueError`` beyond 512 bytes)."""
+    if not 0 <= offset <= 0xFFFFFFFF:
+        raise ValueError("offset must be 0..4294967295")
+    value = _FIRMWARE_DATA.pack(offset) + data
+    if len(value) > MAX_VALUE_LEN:
+        raise ValueError(f"a data write is at most {MAX_VALUE_LEN} bytes, got {len(value)}")
+    return value
+
+
+def parse_firmware_data(value: bytes) -> tuple[int, bytes]:
+    """Module side: (offset, image bytes) of a data write; ``WireFormatError`` when shorter than the offset."""
+    if len(value) < FIRMWARE_DATA_HEADER_LEN:
+        raise WireFormatError(
+            f"firmware data: {len(value)} bytes, at least {FIRMWARE_DATA_HEADER_LEN} needed"
+        )
+    if len(value) > MAX_VALUE_LEN:
+        raise WireFormatError(f"firmware data: value of {len(value)} bytes exceeds {MAX_VALUE_LEN}")
+    (offset,) = _FIRMWARE_DATA.unpack_from(value)
+    return offset, bytes(value[FIRMWARE_DATA_HEADER_LEN:])

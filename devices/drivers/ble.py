@@ -10,15 +10,20 @@ failure → ``DeviceUnreachable``; a malformed value or an ATT error → ``Proto
 authorization/authentication/encryption" error or an ``unauthorized`` status → ``AuthenticationFailed``; a
 module without the ORES service (``probe``) or without a certificate (``authenticate``) → ``NotSupported``;
 a refused control → ``CommandRejected``.  Formats live in ``devices.ble_wire``, shared with the GATT fake.
+The firmware update of docs/ble.md §3.9 makes it a ``FirmwareCapable`` driver: the manifest goes in pieces
+through the firmware characteristic, the image as many data writes (a 4-byte offset and up to MTU − 7 bytes
+each, without response), after which the driver reads the firmware characteristic to check what arrived;
+the module's refusals become ``CommandRejected`` with its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 from bleak import BleakClient
@@ -36,23 +41,34 @@ from devices.ble_wire import (
     CERTIFICATE_CHAR_UUID,
     CONTROL_CHAR_UUID,
     CREDENTIAL_CHAR_UUID,
+    DEFAULT_FIRMWARE_WRITE_BYTES,
+    FIRMWARE_CHAR_UUID,
+    FIRMWARE_DATA_CHAR_UUID,
+    FIRMWARE_DATA_HEADER_LEN,
+    FIRMWARE_MANIFEST_PIECE_BYTES,
     IDENTITY_CHAR_UUID,
+    MAX_VALUE_LEN,
     ORES_SERVICE_UUID,
     STATUS_CHAR_UUID,
     TELEMETRY_CHAR_UUID,
     CredentialRequest,
+    FirmwareOp,
+    FirmwareRequest,
     GattStatus,
     decode_telemetry,
     encode_challenge,
     encode_control,
     encode_credential_request,
+    encode_firmware_data,
+    encode_firmware_request,
     parse_auth_answer,
     parse_certificate_value,
+    parse_firmware_value,
     parse_identity_provisioned_value,
     parse_identity_value,
     parse_status_value,
 )
-from devices.drivers.base import Address
+from devices.drivers.base import Address, FirmwareSlots
 from devices.errors import (
     AuthenticationFailed,
     CommandRejected,
@@ -68,6 +84,7 @@ from devices.ores_http_wire import (
     WireUnsupportedError,
     control_to_wire,
 )
+from firmware.manifest import MAX_MANIFEST_BYTES, BadSignature, decode_signature
 
 __all__ = ["DEFAULT_BLE_TIMEOUT_S", "BleGattDriver", "GattClient", "GattClientFactory", "ble_address"]
 
@@ -93,6 +110,10 @@ _STATUS_ERRORS: Final[dict[str, type[DeviceError]]] = {
     "forbidden": AuthenticationFailed,
     "not_applicable": NotSupported,
 }
+#: Firmware requests: a ``bad_request`` is the driver's own fault (the module's refusals are ``CommandRejected``).
+_FIRMWARE_ERRORS: Final[dict[str, type[DeviceError]]] = {"bad_request": ProtocolError}
+#: ATT header bytes of a write (opcode + handle): a value is at most MTU − 3 bytes.
+_ATT_WRITE_HEADER: Final = 3
 
 
 class GattClient(Protocol):
@@ -163,12 +184,16 @@ class BleGattDriver:
         timeout: float = DEFAULT_BLE_TIMEOUT_S,
         client_factory: GattClientFactory = BleakClient,
         credential: str | None = None,
+        firmware_write_bytes: int = DEFAULT_FIRMWARE_WRITE_BYTES,
     ) -> None:
         if address.scheme not in self.schemes or not address.host:
             raise ValueError(f"the BLE GATT driver needs a ble:// address, not {address}")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        if not 1 <= firmware_write_bytes <= MAX_VALUE_LEN - FIRMWARE_DATA_HEADER_LEN:
+            raise ValueError(f"firmware_write_bytes must be 1..{MAX_VALUE_LEN - FIRMWARE_DATA_HEADER_LEN}")
         self.address = address
+        self._firmware_write_bytes = firmware_write_bytes
         self._timeout = timeout
         self._factory = client_factory
         self._credential = None if credential is None else _check_credential(credential)
@@ -324,6 +349,120 @@ class BleGattDriver:
             self._authorized = False
             self._provisioned = False
 
+    # ------------------------------------------------------------------ firmware update (§3.9)
+
+    #: The image chunk size the hub should hand to ``firmware_chunk``: each chunk becomes many data writes
+    #: and one read to check them, so a chunk is also the unit of progress and of resumption.
+    firmware_chunk_bytes: ClassVar[int] = 16 * 1024
+
+    async def firmware_status(self) -> FirmwareSlots:
+        """Read the firmware characteristic: the module's slots and the state of an update."""
+        async with self._lock:
+            client = await self._connected(login=True)
+            return await self._read_firmware(client)
+
+    async def firmware_begin(self, manifest: bytes, signature: bytes) -> int:
+        """Send the manifest file in ``manifest`` requests, then ``begin`` with the signature (64 raw bytes or
+        the base64 text of a ``.sig`` file); returns the bytes of the image the module already holds.
+        ``CommandRejected`` with the module's reason when it refuses the release."""
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"a manifest is at most {MAX_MANIFEST_BYTES} bytes, got {len(manifest)}")
+        try:
+            raw_signature = decode_signature(signature)
+        except BadSignature:
+            raw_signature = bytes(signature)  # sent as it is: the module refuses it with its own reason
+        async with self._lock:
+            client = await self._connected(login=True)
+            for offset in range(0, max(len(manifest), 1), FIRMWARE_MANIFEST_PIECE_BYTES):
+                piece = manifest[offset : offset + FIRMWARE_MANIFEST_PIECE_BYTES]
+                await self._firmware_request(
+                    client, FirmwareRequest(self._next_seq(), "manifest", offset=offset, data=piece)
+                )
+            await self._firmware_request(
+                client, FirmwareRequest(self._next_seq(), "begin", signature=raw_signature)
+            )
+            return (await self._read_firmware(client)).received_bytes
+
+    async def firmware_chunk(self, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset`` as data writes of at most MTU − 7 image bytes (and at most
+        ``firmware_write_bytes``), without response, then read the firmware characteristic: returns the
+        module's received byte count, or raises ``CommandRejected`` when it did not take all of ``data``
+        (a wrong offset, an image longer than its manifest), naming its reason and the resume point."""
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        async with self._lock:
+            client = await self._connected(login=True)
+            size = self._write_size(client)
+            view = memoryview(data)
+            for start in range(0, len(view), size):
+                value = encode_firmware_data(offset + start, bytes(view[start : start + size]))
+                await self._gatt(
+                    "write firmware data",
+                    functools.partial(client.write_gatt_char, FIRMWARE_DATA_CHAR_UUID, value, response=False),
+                    missing=NotSupported,
+                )
+            slots = await self._read_firmware(client)
+        expected = offset + len(data)
+        if slots.received_bytes != expected or slots.state != "receiving":
+            reason = slots.error or f"state {slots.state}, {slots.received_bytes} bytes received"
+            raise CommandRejected(
+                f"{self.address} refused firmware data at {offset}..{expected}: {reason} "
+                f"(resume at {slots.received_bytes})"
+            )
+        return slots.received_bytes
+
+    async def firmware_install(self) -> None:
+        """``install``: the module verifies the image and, when it accepts it, reboots into it; the driver
+        then drops the connection (the next operation reconnects once the module is back).
+        ``CommandRejected`` (``hash_mismatch``, ``size_mismatch``, ...) when it refuses."""
+        await self._firmware_reboot("install")
+
+    async def firmware_rollback(self) -> None:
+        """``rollback``: the module boots its other slot (``CommandRejected`` with ``no_previous`` when it
+        has none); the driver drops the connection."""
+        await self._firmware_reboot("rollback")
+
+    async def _firmware_reboot(self, op: FirmwareOp) -> None:
+        async with self._lock:
+            client = await self._connected(login=True)
+            await self._firmware_request(client, FirmwareRequest(self._next_seq(), op))
+            await self._drop()  # the module reboots: this link is gone
+
+    async def _firmware_request(self, client: GattClient, request: FirmwareRequest) -> None:
+        await self._request(
+            client,
+            f"firmware {request.op}",
+            FIRMWARE_CHAR_UUID,
+            encode_firmware_request(request),
+            request.seq,
+            refused=CommandRejected,
+            missing=NotSupported,
+            errors=_FIRMWARE_ERRORS,
+        )
+
+    async def _read_firmware(self, client: GattClient) -> FirmwareSlots:
+        data = await self._gatt(
+            "read firmware", lambda: client.read_gatt_char(FIRMWARE_CHAR_UUID), missing=NotSupported
+        )
+        try:
+            return parse_firmware_value(bytes(data))
+        except WireError as err:
+            raise ProtocolError(f"{self.address}: {err}") from err
+
+    def _write_size(self, client: GattClient) -> int:
+        """Image bytes per data write: what the negotiated MTU allows, at most ``firmware_write_bytes``."""
+        try:
+            mtu = getattr(client, "mtu_size", None)
+        except (BleakError, AttributeError):
+            mtu = None
+        if (
+            isinstance(mtu, int)
+            and not isinstance(mtu, bool)
+            and mtu > _ATT_WRITE_HEADER + FIRMWARE_DATA_HEADER_LEN
+        ):
+            return min(self._firmware_write_bytes, mtu - _ATT_WRITE_HEADER - FIRMWARE_DATA_HEADER_LEN)
+        return self._firmware_write_bytes
+
     # ------------------------------------------------------------------ notifications
 
     async def start_telemetry(self, callback: Callable[[Telemetry], None]) -> None:
@@ -427,6 +566,7 @@ class BleGattDriver:
         *,
         refused: type[DeviceError],
         missing: type[DeviceError] = ProtocolError,
+        errors: Mapping[str, type[DeviceError]] | None = None,
     ) -> GattStatus:
         """Write a request with response, then read and check the module's status answer for ``seq``."""
         await self._gatt(
@@ -445,7 +585,7 @@ class BleGattDriver:
                 "(the module did not update its status before acknowledging the write)"
             )
         if not status.ok:
-            error = _STATUS_ERRORS.get(status.code, refused)
+            error = _STATUS_ERRORS.get(status.code) or (errors or {}).get(status.code, refused)
             detail = f"{status.code}: {status.message}" if status.message else status.code or "refused"
             raise error(f"{self.address} refused {what}: {detail}")
         return status

@@ -8,7 +8,10 @@ errors or status codes as a real module would.  ``FakeBleakClient`` has the part
 interface the driver uses, with the same names and signatures and bleak's own exception and GATT object
 types, so ``devices.drivers.ble.BleGattDriver`` runs unchanged against it (pass
 ``client_factory=module.client_factory``).  ``make_advertisement`` builds bleak's real ``BLEDevice`` and
-``AdvertisementData`` the way bleak's BlueZ backend does, around real service data bytes.
+``AdvertisementData`` the way bleak's BlueZ backend does, around real service data bytes.  Given a
+``devices.sim.firmware.SimFirmware`` the module also serves the firmware update of docs/ble.md §3.9 (the
+firmware and firmware data characteristics), reports its running firmware version and its health through
+``FirmwareModule``, and while it reboots it is gone: connections drop and new ones fail.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from devices.ble_wire import (
     CERTIFICATE_CHAR_UUID,
     CONTROL_CHAR_UUID,
     CREDENTIAL_CHAR_UUID,
+    FIRMWARE_CHAR_UUID,
+    FIRMWARE_DATA_CHAR_UUID,
     IDENTITY_CHAR_UUID,
     MAX_VALUE_LEN,
     ORES_SERVICE_UUID,
@@ -52,6 +57,7 @@ from devices.ble_wire import (
     encode_advertisement,
     encode_auth_answer,
     encode_certificate,
+    encode_firmware_value,
     encode_identity,
     encode_status,
     encode_telemetry,
@@ -59,11 +65,14 @@ from devices.ble_wire import (
     parse_challenge,
     parse_control_value,
     parse_credential_request,
+    parse_firmware_data,
+    parse_firmware_request,
     vendor_id_for,
 )
 from devices.model import DeviceKind
 from devices.ores_http_wire import WireError, WireRangeError
 from devices.sim.base import SimulatedModule
+from devices.sim.firmware import FirmwareModule, SimFirmware, SimFirmwareError
 
 __all__ = ["DEFAULT_FAKE_ADDRESS", "FakeBleakClient", "FakeGattModule", "make_advertisement"]
 
@@ -80,9 +89,13 @@ _TABLE: Final[tuple[tuple[str, tuple[CharacteristicPropertyName, ...]], ...]] = 
     (AUTH_CHAR_UUID, ("read", "write")),
     (CERTIFICATE_CHAR_UUID, ("read",)),
     (CREDENTIAL_CHAR_UUID, ("write",)),
+    (FIRMWARE_CHAR_UUID, ("read", "write")),
+    (FIRMWARE_DATA_CHAR_UUID, ("write-without-response", "write")),
 )
 _ATTESTATION_CHARS: Final = frozenset({AUTH_CHAR_UUID, CERTIFICATE_CHAR_UUID})
-_PROTECTED: Final = frozenset({TELEMETRY_CHAR_UUID, CONTROL_CHAR_UUID})
+_FIRMWARE_CHARS: Final = frozenset({FIRMWARE_CHAR_UUID, FIRMWARE_DATA_CHAR_UUID})
+_PROTECTED: Final = frozenset({TELEMETRY_CHAR_UUID, CONTROL_CHAR_UUID, *_FIRMWARE_CHARS})
+_MAX_MANIFEST_BYTES: Final = 64 * 1024
 _ATT = BleakGATTProtocolErrorCode
 
 
@@ -168,8 +181,18 @@ class FakeGattModule:
         address: str = DEFAULT_FAKE_ADDRESS,
         attestation: SimAttestation | None = None,
         vendor_id: int | None = None,
+        firmware: SimFirmware | None = None,
     ) -> None:
+        if firmware is not None and (firmware.vendor, firmware.model) != (
+            module.info.identity.vendor,
+            module.info.identity.model,
+        ):
+            raise ValueError(
+                f"the firmware is for {firmware.vendor!r} {firmware.model!r}, the module is "
+                f"{module.info.identity.vendor!r} {module.info.identity.model!r}"
+            )
         self.module = module
+        self.firmware = firmware
         self.address = address.upper()
         self.attestation = attestation
         vendor = module.info.identity.vendor
@@ -186,16 +209,28 @@ class FakeGattModule:
         self._status = encode_status(GattStatus(0, True))
         self._auth_answer = b""
         self._sessions: list[_Session] = []
+        self._manifest = bytearray()  # the manifest being staged by ``manifest`` requests
 
     @property
     def provisioned(self) -> bool:
         return self.credential is not None
+
+    @property
+    def served(self) -> SimulatedModule:
+        """The module as the GATT service shows it (through ``FirmwareModule`` when it has firmware)."""
+        return self.module if self.firmware is None else FirmwareModule(self.module, self.firmware)
+
+    @property
+    def rebooting(self) -> bool:
+        return self.firmware is not None and self.firmware.rebooting
 
     def has(self, char_uuid: str) -> bool:
         """Whether the module serves this characteristic (auth and certificate only with an attestation;
         none of those in ``absent``)."""
         if char_uuid in self.absent:
             return False
+        if char_uuid in _FIRMWARE_CHARS:
+            return self.firmware is not None
         return char_uuid not in _ATTESTATION_CHARS or self.attestation is not None
 
     def advertisement(
@@ -233,7 +268,9 @@ class FakeGattModule:
 
     def notify_telemetry(self) -> int:
         """Send the current telemetry to every subscribed, authorized connection; returns how many got it."""
-        data = bytearray(encode_telemetry(self.module.telemetry()))
+        if self.rebooting:
+            return 0
+        data = bytearray(encode_telemetry(self.served.telemetry()))
         sent = 0
         for session in list(self._sessions):
             callback = session.subscriptions.get(TELEMETRY_CHAR_UUID)
@@ -245,7 +282,7 @@ class FakeGattModule:
     # ------------------------------------------------------------------ GATT server side
 
     def _attach(self, session: _Session) -> None:
-        if not self.reachable:
+        if not self.reachable or self.rebooting:
             raise BleakDeviceNotFoundError(
                 session.client.address, f"Device with address {session.client.address} was not found."
             )
@@ -256,20 +293,26 @@ class FakeGattModule:
         if session in self._sessions:
             self._sessions.remove(session)
 
-    def _check_access(self, session: _Session, char_uuid: str) -> None:
+    def _check_access(self, session: _Session, char_uuid: str, *, grace: bool = False) -> None:
         if self.fail_with is not None:
             raise self.fail_with
+        if self.rebooting and not grace:
+            self.drop_connections()
+            raise BleakError("Not connected: the module is rebooting")
         if char_uuid in _PROTECTED and self.provisioned and not session.authorized:
             raise BleakGATTProtocolError(_ATT.INSUFFICIENT_AUTHORIZATION)
 
     def _read(self, session: _Session, char_uuid: str) -> bytes:
-        self._check_access(session, char_uuid)
+        # A module that accepted install or rollback answers the status read of that request, then goes.
+        self._check_access(session, char_uuid, grace=char_uuid == STATUS_CHAR_UUID)
         if char_uuid in self.read_overrides:
             return self.read_overrides[char_uuid]
         if char_uuid == IDENTITY_CHAR_UUID:
-            return encode_identity(self.module.info, provisioned=self.provisioned)
+            return encode_identity(self.served.info, provisioned=self.provisioned)
         if char_uuid == TELEMETRY_CHAR_UUID:
-            return encode_telemetry(self.module.telemetry())
+            return encode_telemetry(self.served.telemetry())
+        if char_uuid == FIRMWARE_CHAR_UUID and self.firmware is not None:
+            return encode_firmware_value(self.firmware.status())
         if char_uuid == STATUS_CHAR_UUID:
             return self._status
         if char_uuid == AUTH_CHAR_UUID:
@@ -289,6 +332,10 @@ class FakeGattModule:
             self._answer(*self._challenge(self.attestation, data))
         elif char_uuid == CREDENTIAL_CHAR_UUID:
             self._answer(*self._credential(session, data))
+        elif char_uuid == FIRMWARE_CHAR_UUID and self.firmware is not None:
+            self._answer(*self._firmware_request(self.firmware, data))
+        elif char_uuid == FIRMWARE_DATA_CHAR_UUID and self.firmware is not None:
+            self._firmware_data(self.firmware, data)
         else:
             raise BleakGATTProtocolError(_ATT.WRITE_NOT_PERMITTED)
 
@@ -336,6 +383,50 @@ class FakeGattModule:
         _cert, signature = attestation.respond(challenge.nonce, challenge.hub_id)
         self._auth_answer = encode_auth_answer(AuthAnswer(challenge.nonce, signature))
         return challenge.seq, "", ""
+
+    def _firmware_request(self, firmware: SimFirmware, data: bytes) -> tuple[int, str, str]:
+        try:
+            request = parse_firmware_request(data)
+        except WireError as err:
+            return self._seq_of(data), "bad_request", str(err)
+        seq = request.seq
+        try:
+            if request.op == "manifest":
+                assert request.offset is not None and request.data is not None
+                if request.offset == 0:
+                    self._manifest.clear()
+                if request.offset != len(self._manifest):
+                    return (
+                        seq,
+                        "wrong_offset",
+                        f"manifest piece at {request.offset}, expected {len(self._manifest)}",
+                    )
+                if len(self._manifest) + len(request.data) > _MAX_MANIFEST_BYTES:
+                    return seq, "bad_manifest", f"manifest is longer than {_MAX_MANIFEST_BYTES} bytes"
+                self._manifest += request.data
+            elif request.op == "begin":
+                assert request.signature is not None
+                firmware.begin(bytes(self._manifest), request.signature)
+            elif request.op == "install":
+                firmware.install()
+            elif request.op == "rollback":
+                firmware.rollback()
+        except SimFirmwareError as err:
+            return seq, err.code, err.message
+        return seq, "", ""
+
+    @staticmethod
+    def _firmware_data(firmware: SimFirmware, data: bytes) -> None:
+        """A data write: refusals are not ATT errors (it comes without response); the module records them in
+        its firmware status, which the hub reads after each chunk."""
+        try:
+            offset, image = parse_firmware_data(data)
+        except WireError as err:
+            raise BleakGATTProtocolError(_ATT.INVALID_ATTRIBUTE_VALUE_LENGTH) from err
+        try:
+            firmware.chunk(offset, image)
+        except SimFirmwareError as err:
+            _LOGGER.debug("firmware data write refused: %s", err)
 
     def _credential(self, session: _Session, data: bytes) -> tuple[int, str, str]:
         try:

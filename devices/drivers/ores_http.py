@@ -10,20 +10,26 @@ an address that answers HTTP but not ORES-HTTP 1.x → ``NotSupported`` (from ``
 ``devices.ores_http_wire``, shared with the simulated module server.  The authentication of §6 is here too:
 ``authenticate`` fetches the module's certificate and its signature over the hub's nonce (verification is
 ``devices.attest.verify_attestation``'s job), ``provision``/``deprovision`` set and clear the module's
-credential, and ``set_credential`` changes the bearer the driver sends.
+credential, and ``set_credential`` changes the bearer the driver sends.  The firmware update of §9 makes it a
+``FirmwareCapable`` driver: ``firmware_begin`` announces a signed manifest (and learns the resume point),
+``firmware_chunk`` uploads the image in ``PUT /firmware/image`` requests of at most 256 KiB each (request
+bodies may be that large; responses stay capped at 64 KiB), ``firmware_install`` and ``firmware_rollback``
+make the module reboot; the module's refusals (409, 422) become ``CommandRejected`` with its reason, a
+rebooting module (503) ``DeviceUnreachable``, a module without §9 (404) ``NotSupported``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import ClassVar, Final
+from collections.abc import Callable, Mapping
+from typing import ClassVar, Final, TypeVar
 
 import aiohttp
 from yarl import URL
 
 from devices.attest import DeviceCertificate, challenge_message
-from devices.drivers.base import DEFAULT_TIMEOUT_S, Address
+from devices.drivers.base import DEFAULT_TIMEOUT_S, Address, FirmwareSlots
 from devices.errors import (
     AuthenticationFailed,
     CommandRejected,
@@ -36,7 +42,13 @@ from devices.model import DeviceInfo, Setpoint, Telemetry
 from devices.ores_http_wire import (
     AUTH_CHALLENGE_PATH,
     AUTH_CREDENTIAL_PATH,
+    FIRMWARE_BEGIN_PATH,
+    FIRMWARE_IMAGE_PATH,
+    FIRMWARE_INSTALL_PATH,
+    FIRMWARE_PATH,
+    FIRMWARE_ROLLBACK_PATH,
     MAX_BODY_BYTES,
+    MAX_FIRMWARE_CHUNK_BYTES,
     SETPOINT_KIND,
     ActiveSetpoint,
     ModuleStatus,
@@ -47,23 +59,33 @@ from devices.ores_http_wire import (
     control_to_wire,
     decode_json,
     encode_json,
+    firmware_begin_to_wire,
     parse_active_setpoint,
     parse_auth_challenge_reply,
     parse_error,
+    parse_firmware_received,
+    parse_firmware_status,
     parse_identity,
     parse_identity_provisioned,
     parse_status,
     parse_telemetry,
 )
+from firmware.manifest import MAX_MANIFEST_BYTES, BadSignature, decode_signature
 
 __all__ = ["OresHttpDriver", "parse_identity_body", "parse_telemetry_body"]
 
 _LOGGER = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 #: Statuses on ``GET /identity`` that mean "this HTTP server is not an ORES module".
 _NOT_ORES_STATUSES: Final = frozenset({400, 404, 405, 406, 410, 415, 501})
 #: Statuses that mean "the module is there but cannot answer now" (treated like no answer).
 _UNAVAILABLE_STATUSES: Final = frozenset({502, 503, 504})
+#: Statuses on a firmware endpoint that mean "this module does not implement §9".
+_NO_FIRMWARE_STATUSES: Final = frozenset({404, 405, 501})
+#: The shortest bound on one firmware exchange (an image chunk takes longer than a telemetry poll).
+MIN_FIRMWARE_TIMEOUT_S: Final = 10.0
 
 
 def parse_telemetry_body(body: bytes) -> Telemetry:
@@ -118,8 +140,17 @@ class OresHttpDriver:
     protocol: ClassVar[str] = "ores-http"
     schemes: ClassVar[tuple[str, ...]] = ("http",)
 
+    #: The image chunk size the hub should hand to ``firmware_chunk`` (larger ones are split into requests of
+    #: this size).
+    firmware_chunk_bytes: ClassVar[int] = MAX_FIRMWARE_CHUNK_BYTES
+
     def __init__(
-        self, address: Address, *, timeout: float = DEFAULT_TIMEOUT_S, credential: str | None = None
+        self,
+        address: Address,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credential: str | None = None,
+        firmware_timeout: float | None = None,
     ) -> None:
         if address.scheme not in self.schemes:
             raise ValueError(f"ORES-HTTP needs an http:// address, not {address}")
@@ -128,6 +159,11 @@ class OresHttpDriver:
         _check_credential(credential)
         self.address = address
         self._timeout = timeout
+        self._firmware_timeout = (
+            max(timeout, MIN_FIRMWARE_TIMEOUT_S) if firmware_timeout is None else firmware_timeout
+        )
+        if not self._firmware_timeout > 0:
+            raise ValueError("firmware_timeout must be positive")
         base = str(address)
         self._urls: dict[str, URL] = {
             name: URL(f"{base}/{name}")
@@ -138,6 +174,11 @@ class OresHttpDriver:
                 "control",
                 AUTH_CHALLENGE_PATH,
                 AUTH_CREDENTIAL_PATH,
+                FIRMWARE_PATH,
+                FIRMWARE_BEGIN_PATH,
+                FIRMWARE_IMAGE_PATH,
+                FIRMWARE_INSTALL_PATH,
+                FIRMWARE_ROLLBACK_PATH,
             )
         }
         self._headers: dict[str, str] = {"Accept": "application/json", "Accept-Encoding": "identity"}
@@ -307,6 +348,90 @@ class OresHttpDriver:
             )
         self._check_status(method, AUTH_CREDENTIAL_PATH, status, body)
 
+    # ------------------------------------------------------------------ firmware update (§9)
+
+    async def firmware_status(self) -> FirmwareSlots:
+        """``GET /firmware``: the module's slots and the state of an update."""
+        status, body = await self._exchange("GET", FIRMWARE_PATH)
+        self._check_firmware_status("GET", FIRMWARE_PATH, status, body)
+        return self._parse_firmware("GET", FIRMWARE_PATH, body, parse_firmware_status)
+
+    async def firmware_begin(self, manifest: bytes, signature: bytes) -> int:
+        """``POST /firmware/begin``: announce a signed release (the manifest file's bytes, and its signature as
+        64 raw bytes or the base64 text of a ``.sig`` file).  Returns how many bytes of its image the module
+        already holds (the resume point).  ``CommandRejected`` carries the module's reason for refusing the
+        release (``bad_signature``, ``wrong_model``, ``not_newer``, ...); ``ValueError`` for a manifest over
+        64 KiB, which no module accepts."""
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"a manifest is at most {MAX_MANIFEST_BYTES} bytes, got {len(manifest)}")
+        try:
+            raw_signature = decode_signature(signature)
+        except BadSignature:
+            raw_signature = bytes(signature)  # sent as it is: the module refuses it with its own reason
+        payload = encode_json(firmware_begin_to_wire(manifest, raw_signature))
+        status, body = await self._exchange("POST", FIRMWARE_BEGIN_PATH, payload)
+        self._check_firmware_status("POST", FIRMWARE_BEGIN_PATH, status, body)
+        return self._parse_firmware("POST", FIRMWARE_BEGIN_PATH, body, parse_firmware_received)
+
+    async def firmware_chunk(self, offset: int, data: bytes) -> int:
+        """``PUT /firmware/image?offset=N``, once per ``firmware_chunk_bytes`` of ``data``.  Returns the
+        module's received byte count after the last request.  A wrong offset is refused by the module
+        (``CommandRejected`` naming the resume point; ``firmware_begin`` with the same manifest returns it)."""
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        view = memoryview(data)
+        received = offset
+        position = 0
+        while True:
+            piece = view[position : position + MAX_FIRMWARE_CHUNK_BYTES]
+            status, body = await self._exchange(
+                "PUT",
+                FIRMWARE_IMAGE_PATH,
+                bytes(piece),
+                content_type="application/octet-stream",
+                params={"offset": str(offset + position)},
+                timeout=self._firmware_timeout,
+            )
+            self._check_firmware_status("PUT", FIRMWARE_IMAGE_PATH, status, body)
+            received = self._parse_firmware("PUT", FIRMWARE_IMAGE_PATH, body, parse_firmware_received)
+            position += len(piece)
+            if position >= len(view):
+                return received
+
+    async def firmware_install(self) -> None:
+        """``POST /firmware/install``: the module verifies the whole image and reboots into it (202).
+        ``CommandRejected`` with ``hash_mismatch``, ``size_mismatch`` ... when it refuses the image."""
+        status, body = await self._exchange(
+            "POST", FIRMWARE_INSTALL_PATH, b"{}", timeout=self._firmware_timeout
+        )
+        self._check_firmware_status("POST", FIRMWARE_INSTALL_PATH, status, body)
+        self._succeeded()
+
+    async def firmware_rollback(self) -> None:
+        """``POST /firmware/rollback``: the module boots its other slot again (202); ``CommandRejected``
+        (``no_previous``) when that slot holds nothing."""
+        status, body = await self._exchange("POST", FIRMWARE_ROLLBACK_PATH, b"{}")
+        self._check_firmware_status("POST", FIRMWARE_ROLLBACK_PATH, status, body)
+        self._succeeded()
+
+    def _check_firmware_status(self, method: str, endpoint: str, status: int, body: bytes) -> None:
+        if 200 <= status < 300:
+            return
+        what = f"{method} {endpoint} answered {_describe_error(status, body)}"
+        if status in _NO_FIRMWARE_STATUSES:
+            raise self._fail(NotSupported(f"{what}: no firmware update (§9)"))
+        if status in (409, 422):
+            raise self._fail(CommandRejected(f"{self.address} refused the firmware update: {what}"))
+        self._check_status(method, endpoint, status, body)
+
+    def _parse_firmware(self, method: str, endpoint: str, body: bytes, parse: Callable[[object], _T]) -> _T:
+        try:
+            result = parse(decode_json(body))
+        except WireError as err:
+            raise self._fail(ProtocolError(f"{method} {endpoint}: {err}")) from err
+        self._succeeded()
+        return result
+
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None and not session.closed:
@@ -325,18 +450,36 @@ class OresHttpDriver:
             )
         return self._session
 
-    async def _exchange(self, method: str, endpoint: str, payload: bytes | None = None) -> tuple[int, bytes]:
+    async def _exchange(
+        self,
+        method: str,
+        endpoint: str,
+        payload: bytes | None = None,
+        *,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
         """One request; returns (status, body).  Raises ``DeviceUnreachable`` or ``ProtocolError``."""
         session = self._ensure_session()
         url = self._urls[endpoint]
+        if params:
+            url = url.with_query(params)
+        limit = self._timeout if timeout is None else timeout
         headers: dict[str, str] = {}
         if payload is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         if self._credential is not None:
             headers["Authorization"] = f"Bearer {self._credential}"
         try:
-            async with asyncio.timeout(self._timeout):
-                async with session.request(method, url, data=payload, headers=headers) as response:
+            async with asyncio.timeout(limit):
+                async with session.request(
+                    method,
+                    url,
+                    data=payload,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=limit),
+                ) as response:
                     length = response.content_length
                     if length is not None and length > MAX_BODY_BYTES:
                         raise _BodyTooLarge(f"Content-Length {length}")
@@ -347,9 +490,7 @@ class OresHttpDriver:
                 ProtocolError(f"{method} {endpoint}: response body exceeds {MAX_BODY_BYTES} bytes ({err})")
             ) from None
         except TimeoutError as err:
-            raise self._fail(
-                DeviceUnreachable(f"{method} {url}: no answer within {self._timeout:g} s")
-            ) from err
+            raise self._fail(DeviceUnreachable(f"{method} {url}: no answer within {limit:g} s")) from err
         except aiohttp.ClientConnectionError as err:
             raise self._fail(DeviceUnreachable(f"{method} {url}: {err or type(err).__name__}")) from err
         except aiohttp.ClientError as err:

@@ -10,13 +10,19 @@ without one it answers 404 there, like a module that predates §6.  It validates
 battery power limits, controllability, fault state) and passes accepted setpoints to the module, turning a
 ``ValueError`` from ``module.apply`` into ``422 out_of_range``.  It tracks the active setpoint and its
 watchdog for ``/status``; the module itself performs the revert (``SimulatedModule.apply`` contract).  A
-module may also implement ``ReportsFaults`` to publish fault codes.
+module may also implement ``ReportsFaults`` to publish fault codes.  Started with a ``SimFirmware`` it
+implements the firmware update of §9 (``/firmware``, ``/firmware/begin``, ``/firmware/image``,
+``/firmware/install``, ``/firmware/rollback``; 404 without one): it serves the module through
+``FirmwareModule`` (the running firmware version in ``/identity``, ``fault`` while the running image is
+unhealthy), answers ``503 unavailable`` to everything while the module reboots, and maps each
+``SimFirmwareError`` to its status (422 for a refused release, 409 for a transfer conflict).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -30,7 +36,14 @@ from devices.ores_http_wire import (
     AUTH_CHALLENGE_PATH,
     AUTH_CREDENTIAL_PATH,
     BASE_PATH,
+    FIRMWARE_BEGIN_PATH,
+    FIRMWARE_IMAGE_PATH,
+    FIRMWARE_INSTALL_PATH,
+    FIRMWARE_PATH,
+    FIRMWARE_ROLLBACK_PATH,
     MAX_BODY_BYTES,
+    MAX_FIRMWARE_BEGIN_BYTES,
+    MAX_FIRMWARE_CHUNK_BYTES,
     SETPOINT_KIND,
     ActiveSetpoint,
     Fault,
@@ -43,14 +56,18 @@ from devices.ores_http_wire import (
     decode_json,
     encode_json,
     error_to_wire,
+    firmware_received_to_wire,
+    firmware_status_to_wire,
     identity_to_wire,
     parse_auth_challenge,
     parse_auth_credential,
     parse_control,
+    parse_firmware_begin,
     status_to_wire,
     telemetry_to_wire,
 )
 from devices.sim.base import SimulatedModule
+from devices.sim.firmware import FirmwareModule, SimFirmware, SimFirmwareError
 
 __all__ = ["OresHttpSimServer", "ReportsFaults", "start_ores_http_server"]
 
@@ -68,6 +85,19 @@ _HTTP_CODES: Mapping[int, str] = {
     422: "out_of_range",
     503: "unavailable",
 }
+
+#: Firmware refusals that are conflicts with the module's state (the rest refuse the release itself: 422).
+_FIRMWARE_CONFLICTS: frozenset[str] = frozenset({"wrong_offset", "no_update", "no_previous"})
+
+
+def _firmware_error(err: SimFirmwareError) -> _ApiError:
+    details: dict[str, Any] = {}
+    if err.received_bytes is not None:
+        details["received_bytes"] = err.received_bytes
+    if err.code == "rebooting":
+        return _ApiError(503, "unavailable", err.message, details)
+    status = 409 if err.code in _FIRMWARE_CONFLICTS else 422
+    return _ApiError(status, err.code, err.message, details)
 
 
 @runtime_checkable
@@ -120,8 +150,20 @@ class OresHttpSimServer:
         *,
         credential: str | None = None,
         attestation: SimAttestation | None = None,
+        firmware: SimFirmware | None = None,
     ) -> None:
+        if firmware is not None and (firmware.vendor, firmware.model) != (
+            module.info.identity.vendor,
+            module.info.identity.model,
+        ):
+            raise ValueError(
+                f"the firmware is for {firmware.vendor!r} {firmware.model!r}, the module is "
+                f"{module.info.identity.vendor!r} {module.info.identity.model!r}"
+            )
         self._module = module
+        self._firmware = firmware
+        self._served: SimulatedModule = module if firmware is None else FirmwareModule(module, firmware)
+        self._boots = 0 if firmware is None else firmware.boot_count
         self._credential = None if credential is None else credential.encode("utf-8")
         self._attestation = attestation
         self._hub_id: str | None = None
@@ -144,6 +186,11 @@ class OresHttpSimServer:
     @property
     def attestation(self) -> SimAttestation | None:
         return self._attestation
+
+    @property
+    def firmware(self) -> SimFirmware | None:
+        """The module's firmware slots, when it implements §9."""
+        return self._firmware
 
     @property
     def provisioned(self) -> bool:
@@ -172,7 +219,8 @@ class OresHttpSimServer:
         if self._runner is not None:
             raise RuntimeError("server already started")
         app = web.Application(
-            middlewares=[_error_middleware, self._auth_middleware], client_max_size=MAX_BODY_BYTES
+            middlewares=[_error_middleware, self._reboot_middleware, self._auth_middleware],
+            client_max_size=MAX_BODY_BYTES,
         )
         app.router.add_get(f"{BASE_PATH}/identity", self._identity)
         app.router.add_get(f"{BASE_PATH}/status", self._status)
@@ -182,6 +230,12 @@ class OresHttpSimServer:
             app.router.add_post(f"{BASE_PATH}/{AUTH_CHALLENGE_PATH}", self._auth_challenge)
             app.router.add_post(f"{BASE_PATH}/{AUTH_CREDENTIAL_PATH}", self._set_credential)
             app.router.add_delete(f"{BASE_PATH}/{AUTH_CREDENTIAL_PATH}", self._delete_credential)
+        if self._firmware is not None:
+            app.router.add_get(f"{BASE_PATH}/{FIRMWARE_PATH}", self._firmware_status)
+            app.router.add_post(f"{BASE_PATH}/{FIRMWARE_BEGIN_PATH}", self._firmware_begin)
+            app.router.add_put(f"{BASE_PATH}/{FIRMWARE_IMAGE_PATH}", self._firmware_image)
+            app.router.add_post(f"{BASE_PATH}/{FIRMWARE_INSTALL_PATH}", self._firmware_install)
+            app.router.add_post(f"{BASE_PATH}/{FIRMWARE_ROLLBACK_PATH}", self._firmware_rollback)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -206,6 +260,18 @@ class OresHttpSimServer:
     _open_paths = frozenset({f"{BASE_PATH}/identity", f"{BASE_PATH}/{AUTH_CHALLENGE_PATH}"})
 
     @web.middleware
+    async def _reboot_middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """While the module reboots nothing answers but this: 503 with a ``Retry-After``."""
+        firmware = self._firmware
+        if firmware is not None and firmware.rebooting:
+            err = _ApiError(503, "unavailable", "the module is rebooting")
+            return _error_response(err, {"Retry-After": str(max(1, math.ceil(firmware.reboot_remaining_s)))})
+        if firmware is not None and firmware.boot_count != self._boots:
+            self._boots = firmware.boot_count  # rebooted: start at the default setpoint (§3.4 rule 5)
+            self._release()
+        return await handler(request)
+
+    @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         if self._credential is None or request.path in self._open_paths:
             return await handler(request)
@@ -222,7 +288,7 @@ class OresHttpSimServer:
     async def _identity(self, request: web.Request) -> web.Response:
         implements_auth = self._attestation is not None or self._credential is not None
         provisioned = self._credential is not None if implements_auth else None
-        return _json_response(identity_to_wire(self._module.info, provisioned=provisioned))
+        return _json_response(identity_to_wire(self._served.info, provisioned=provisioned))
 
     async def _auth_challenge(self, request: web.Request) -> web.Response:
         """§6.3: sign the hub's nonce with the device key; always open."""
@@ -260,19 +326,21 @@ class OresHttpSimServer:
         return web.Response(status=204)
 
     async def _telemetry(self, request: web.Request) -> web.Response:
-        return _json_response(telemetry_to_wire(self._module.telemetry()))
+        return _json_response(telemetry_to_wire(self._served.telemetry()))
 
     async def _status(self, request: web.Request) -> web.Response:
-        state = self._module.telemetry().state
-        if isinstance(self._module, ReportsFaults):
-            faults = tuple(self._module.faults())
+        state = self._served.telemetry().state
+        if isinstance(self._served, ReportsFaults):
+            faults = tuple(self._served.faults())
         elif state is OperatingState.FAULT:
             faults = (Fault("fault", "the module reports a fault"),)
         else:
             faults = ()
         status = ModuleStatus(
             state=state,
-            uptime_s=round(time.monotonic() - self._started_at, 3),
+            uptime_s=round(
+                time.monotonic() - self._started_at if self._firmware is None else self._firmware.uptime_s, 3
+            ),
             faults=faults,
             active=self.active_setpoint,
         )
@@ -300,7 +368,7 @@ class OresHttpSimServer:
                 )
         if not info.capabilities.controllable:
             raise _ApiError(409, "not_controllable", "this module does not accept setpoints")
-        state = self._module.telemetry().state
+        state = self._served.telemetry().state
         if state is OperatingState.FAULT:
             raise _ApiError(
                 409, "not_allowed_in_state", "control is not allowed while in fault", {"state": state.value}
@@ -311,6 +379,59 @@ class OresHttpSimServer:
         except ValueError as err:
             raise _ApiError(422, "out_of_range", str(err) or "setpoint out of range") from err
         return _json_response(active_setpoint_to_wire(self._accept(control.setpoint, control.revert_after_s)))
+
+    # ------------------------------------------------------------------ firmware update (§9)
+
+    def _fw(self) -> SimFirmware:
+        assert self._firmware is not None  # the routes exist only with one
+        return self._firmware
+
+    async def _firmware_status(self, request: web.Request) -> web.Response:
+        return _json_response(firmware_status_to_wire(self._fw().status()))
+
+    async def _firmware_begin(self, request: web.Request) -> web.Response:
+        body = await _read_body(request, MAX_FIRMWARE_BEGIN_BYTES)
+        try:
+            manifest, signature = parse_firmware_begin(decode_json(body, max_bytes=MAX_FIRMWARE_BEGIN_BYTES))
+        except WireError as err:
+            raise _ApiError(400, "bad_request", str(err), _field_details(err)) from err
+        try:
+            received = self._fw().begin(manifest, signature)
+        except SimFirmwareError as err:
+            raise _firmware_error(err) from err
+        return _json_response(firmware_received_to_wire(received))
+
+    async def _firmware_image(self, request: web.Request) -> web.Response:
+        text = request.query.get("offset")
+        if text is None or not text.isascii() or not text.isdigit() or len(text) > 15:
+            raise _ApiError(
+                400,
+                "bad_request",
+                "the offset query parameter must be a decimal integer",
+                {"field": "offset"},
+            )
+        data = await _read_body(request, MAX_FIRMWARE_CHUNK_BYTES)
+        try:
+            received = self._fw().chunk(int(text), data)
+        except SimFirmwareError as err:
+            raise _firmware_error(err) from err
+        return _json_response(firmware_received_to_wire(received))
+
+    async def _firmware_install(self, request: web.Request) -> web.Response:
+        firmware = self._fw()
+        try:
+            firmware.install()
+        except SimFirmwareError as err:
+            raise _firmware_error(err) from err
+        return _json_response(firmware_status_to_wire(firmware.status()), 202)
+
+    async def _firmware_rollback(self, request: web.Request) -> web.Response:
+        firmware = self._fw()
+        try:
+            firmware.rollback()
+        except SimFirmwareError as err:
+            raise _firmware_error(err) from err
+        return _json_response(firmware_status_to_wire(firmware.status()), 202)
 
     def _release(self) -> web.Response:
         """``{"release": true}``: always allowed (returning to the default is the safe direction)."""
@@ -362,6 +483,19 @@ class OresHttpSimServer:
         return self._active
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refused with 413 beyond ``limit`` bytes (read without the app-wide cap)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _ApiError(413, "body_too_large", f"request body of {length} bytes exceeds {limit}")
+    data = bytearray()
+    async for piece in request.content.iter_chunked(64 * 1024):
+        data += piece
+        if len(data) > limit:
+            raise _ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
+    return bytes(data)
+
+
 @web.middleware
 async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Every error leaves as the protocol's JSON error body."""
@@ -393,12 +527,14 @@ async def start_ores_http_server(
     port: int = 0,
     credential: str | None = None,
     attestation: SimAttestation | None = None,
+    firmware: SimFirmware | None = None,
 ) -> OresHttpSimServer:
     """Serve ``module`` over ORES-HTTP on ``host:port`` (0 = an ephemeral port, see ``.address``).
 
     With ``attestation`` the module implements the authentication endpoints of §6; it starts unprovisioned
-    unless ``credential`` is given (then it is provisioned with it, as if by an earlier hub).
+    unless ``credential`` is given (then it is provisioned with it, as if by an earlier hub).  With
+    ``firmware`` (for the module's vendor and model) it implements the firmware update of §9.
     """
-    server = OresHttpSimServer(module, credential=credential, attestation=attestation)
+    server = OresHttpSimServer(module, credential=credential, attestation=attestation, firmware=firmware)
     await server.start(host, port)
     return server

@@ -1,6 +1,7 @@
 """Tests of the BLE GATT driver against the GATT fake (``FakeBleakClient`` + ``FakeGattModule``): probe, read
 and apply for every kind with the hub's signs, malformed characteristic values, bleak failures, the
-credential, telemetry notifications, and challenge-response authentication with ``devices.attest``."""
+credential, telemetry notifications, challenge-response authentication with ``devices.attest``, and the firmware
+update (real signed releases into the fake's ``SimFirmware`` slots, the reboot driven by a manual clock)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from devices.ble_wire import (
     AUTH_CHAR_UUID,
     CERTIFICATE_CHAR_UUID,
     CREDENTIAL_CHAR_UUID,
+    FIRMWARE_CHAR_UUID,
+    FIRMWARE_DATA_CHAR_UUID,
     IDENTITY_CHAR_UUID,
     STATUS_CHAR_UUID,
     TELEMETRY_CHAR_UUID,
@@ -43,7 +46,7 @@ from devices.ble_wire import (
     encode_telemetry,
     parse_advertisement,
 )
-from devices.drivers.base import Address, Driver
+from devices.drivers.base import Address, Driver, FirmwareCapable, FirmwareSlots
 from devices.drivers.ble import BleGattDriver, GattClient, ble_address
 from devices.drivers.ble_fake import FakeBleakClient, FakeGattModule
 from devices.errors import (
@@ -64,6 +67,8 @@ from devices.model import (
 )
 from devices.ores_http_wire import generate_credential
 from devices.sim.base import StaticModule
+from devices.sim.firmware import SimFirmware
+from tests.devices.sim.test_firmware import ManualClock, Signer, image_of
 
 HUB = "hub-test-1"
 
@@ -842,3 +847,222 @@ async def test_bad_challenge() -> None:
         await client.disconnect()
     assert status["seq"] == 7 and status["ok"] is False and status["code"] == "bad_request"
     assert "challenge.nonce" in status["message"]
+
+
+# ----------------------------------------------------------------------------------------------- firmware
+
+
+MI_INFO, MI_SAMPLE = KINDS[DeviceKind.MICROINVERTER]
+MI_MODEL, MI_RUNNING = MI_INFO.identity.model, MI_INFO.identity.firmware_version
+REBOOT_S = 3.0
+
+
+def firmware_module(
+    signer: Signer, clock: ManualClock, *, fail_versions: frozenset[str] = frozenset()
+) -> tuple[SimFirmware, FakeGattModule]:
+    firmware = SimFirmware(
+        DEMO_VENDOR,
+        MI_MODEL,
+        MI_RUNNING,
+        trusted=signer.trust(),
+        reboot_s=REBOOT_S,
+        clock=clock,
+        fail_versions=fail_versions,
+    )
+    return firmware, FakeGattModule(StaticModule(MI_INFO, MI_SAMPLE), firmware=firmware)
+
+
+def ble_release(signer: Signer, image: bytes, version: str, **kwargs: Any) -> tuple[bytes, bytes]:
+    kwargs.setdefault("models", (MI_MODEL,))
+    return signer.release(image, version, **kwargs)
+
+
+def data_writes(fake: FakeGattModule) -> list[bytes]:
+    return [data for uuid, data in fake.writes if uuid == FIRMWARE_DATA_CHAR_UUID]
+
+
+async def test_firmware_update_over_ble() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    firmware, fake = firmware_module(signer, clock)
+    driver = driver_for(fake)
+    assert isinstance(driver, FirmwareCapable)
+    image = image_of(5000)
+    try:
+        assert await driver.firmware_status() == FirmwareSlots(MI_RUNNING, None, "idle", 0, None)
+        assert await driver.firmware_begin(*ble_release(signer, image, "1.5.0")) == 0
+        assert await driver.firmware_chunk(0, image[:2048]) == 2048
+        assert (await driver.firmware_status()).received_bytes == 2048
+        assert await driver.firmware_chunk(2048, image[2048:]) == 5000
+        writes = data_writes(fake)
+        assert max(len(w) for w in writes) == 244  # MTU 247: a 4-byte offset and 240 bytes
+        assert b"".join(w[4:] for w in writes) == image
+        assert [int.from_bytes(w[:4], "little") for w in writes[:3]] == [0, 240, 480]
+        await driver.firmware_install()
+        assert firmware.rebooting
+        assert fake.connections == 1
+        with pytest.raises(DeviceUnreachable):
+            await driver.firmware_status()  # the module is gone while it reboots
+        with pytest.raises(DeviceUnreachable):
+            await driver.probe()
+        clock.advance(REBOOT_S)
+        assert (await driver.probe()).identity.firmware_version == "1.5.0"
+        assert await driver.firmware_status() == FirmwareSlots("1.5.0", MI_RUNNING, "idle", 0, None)
+        assert (await driver.read()).state is OperatingState.RUNNING
+    finally:
+        await driver.close()
+
+
+async def test_an_established_link_drops_when_the_module_reboots() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    firmware, fake = firmware_module(signer, clock)
+    image = image_of(500)
+    observer, updater = driver_for(fake), driver_for(fake)
+    try:
+        await observer.probe()
+        await updater.firmware_begin(*ble_release(signer, image, "1.5.0"))
+        await updater.firmware_chunk(0, image)
+        await updater.firmware_install()
+        assert firmware.rebooting
+        with pytest.raises(DeviceUnreachable):
+            await observer.read()
+        assert fake.notify_telemetry() == 0
+    finally:
+        await observer.close()
+        await updater.close()
+
+
+async def test_interrupted_ble_transfer_resumes() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    firmware, fake = firmware_module(signer, clock)
+    image = image_of(3000)
+    release = ble_release(signer, image, "1.5.0")
+    first = driver_for(fake)
+    try:
+        await first.firmware_begin(*release)
+        assert await first.firmware_chunk(0, image[:1500]) == 1500
+    finally:
+        await first.close()
+    second = driver_for(fake)
+    try:
+        with pytest.raises(CommandRejected, match=r"wrong_offset.*resume at 1500"):
+            await second.firmware_chunk(0, image[:100])
+        assert await second.firmware_begin(*release) == 1500
+        assert await second.firmware_chunk(1500, image[1500:]) == 3000
+        await second.firmware_install()
+    finally:
+        await second.close()
+    clock.advance(REBOOT_S)
+    assert firmware.running_version == "1.5.0"
+
+
+async def test_ble_module_refuses_with_its_reason() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    firmware, fake = firmware_module(signer, clock)
+    image = image_of(2000)
+    driver = driver_for(fake)
+    try:
+        for release, code in (
+            (ble_release(signer, image, "1.5.0", models=("Other",)), "wrong_model"),
+            (ble_release(signer, image, "1.0.0"), "downgrade"),
+            (ble_release(Signer.new(DEMO_VENDOR), image, "1.5.0"), "untrusted_key"),
+            ((ble_release(signer, image, "1.5.0")[0], bytes(64)), "bad_signature"),
+        ):
+            with pytest.raises(CommandRejected, match=f"refused firmware begin: {code}"):
+                await driver.firmware_begin(*release)
+        tampered = bytearray(image)
+        tampered[0] ^= 0xFF
+        await driver.firmware_begin(*ble_release(signer, image, "1.5.0"))
+        await driver.firmware_chunk(0, bytes(tampered))
+        with pytest.raises(CommandRejected, match="refused firmware install: hash_mismatch"):
+            await driver.firmware_install()
+        assert not firmware.rebooting
+        status = await driver.firmware_status()  # the link stays up: nothing rebooted
+        assert (status.active_version, status.state) == (MI_RUNNING, "failed")
+        assert (await driver.probe()).identity.firmware_version == MI_RUNNING
+        with pytest.raises(CommandRejected, match="no_update"):
+            await driver.firmware_chunk(0, image[:10])
+        with pytest.raises(CommandRejected, match="no_previous"):
+            await driver.firmware_rollback()
+    finally:
+        await driver.close()
+
+
+async def test_unhealthy_ble_image_is_rolled_back() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    _firmware, fake = firmware_module(signer, clock, fail_versions=frozenset({"2.0.0"}))
+    image = image_of(1000)
+    driver = driver_for(fake)
+    try:
+        await driver.firmware_begin(*ble_release(signer, image, "2.0.0"))
+        await driver.firmware_chunk(0, image)
+        await driver.firmware_install()
+        clock.advance(REBOOT_S)
+        assert (await driver.probe()).identity.firmware_version == "2.0.0"
+        assert (await driver.read()).state is OperatingState.FAULT
+        await driver.firmware_rollback()
+        clock.advance(REBOOT_S)
+        assert (await driver.probe()).identity.firmware_version == MI_RUNNING
+        assert (await driver.read()).state is OperatingState.RUNNING
+        assert await driver.firmware_status() == FirmwareSlots(MI_RUNNING, "2.0.0", "idle", 0, None)
+    finally:
+        await driver.close()
+
+
+async def test_ble_firmware_access_and_write_size() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    _firmware, fake = firmware_module(signer, clock)
+    credential = generate_credential()
+    fake.credential = credential
+    stranger = driver_for(fake)
+    owner = BleGattDriver(
+        ble_address(fake.address),
+        timeout=2.0,
+        client_factory=fake.client_factory,
+        credential=credential,
+        firmware_write_bytes=100,
+    )
+    image = image_of(1000)
+    try:
+        with pytest.raises(AuthenticationFailed):
+            await stranger.firmware_status()
+        assert await owner.firmware_begin(*ble_release(signer, image, "1.5.0")) == 0
+        assert await owner.firmware_chunk(0, image) == 1000
+        assert max(len(w) for w in data_writes(fake)) == 104
+    finally:
+        await stranger.close()
+        await owner.close()
+    with pytest.raises(ValueError, match="firmware_write_bytes"):
+        BleGattDriver(ble_address(fake.address), firmware_write_bytes=509)
+
+    _module, plain = make_module()
+    driver = driver_for(plain)
+    try:
+        with pytest.raises(NotSupported):
+            await driver.firmware_status()
+        with pytest.raises(NotSupported):
+            await driver.firmware_begin(*ble_release(signer, image, "1.5.0"))
+    finally:
+        await driver.close()
+
+
+async def test_malformed_firmware_requests_at_the_module() -> None:
+    signer, clock = Signer.new(DEMO_VENDOR), ManualClock()
+    _firmware, fake = firmware_module(signer, clock)
+    client = fake.client_factory(fake.address)
+    await client.connect()
+    try:
+        for value, code in (
+            (b"{", "bad_request"),
+            (b'{"op":"flash","seq":5}', "bad_request"),
+            (b'{"op":"manifest","offset":10,"data":"AAAA","seq":6}', "wrong_offset"),
+            (b'{"op":"begin","signature":"AAAA","seq":7}', "bad_signature"),
+            (b'{"op":"install","seq":8}', "no_update"),
+            (b'{"op":"status","seq":9}', ""),
+        ):
+            await client.write_gatt_char(FIRMWARE_CHAR_UUID, value, response=True)
+            status = json.loads(await client.read_gatt_char(STATUS_CHAR_UUID))
+            assert status.get("code", "") == code, value
+        with pytest.raises(BleakError):
+            await client.write_gatt_char(FIRMWARE_DATA_CHAR_UUID, b"\x00\x00", response=True)
+    finally:
+        await client.disconnect()

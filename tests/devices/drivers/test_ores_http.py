@@ -6,7 +6,9 @@ control, authentication), and servers that break the protocol in every way the d
 mapped to its ``devices.errors`` exception with the reason in the log.  A hypothesis test feeds arbitrary
 JSON-ish bodies to the telemetry parser.  The authentication of §6 runs end to end as the hub does it
 (``ChallengeBook`` nonce, ``authenticate`` against the sim, ``verify_attestation`` with a real ``TrustStore``),
-with each attack the issue names as its own test, then provisioning, re-keying and deprovisioning.
+with each attack the issue names as its own test, then provisioning, re-keying and deprovisioning.  The
+firmware update of §9 runs through the driver against the sim's A/B slots with real signed releases and a
+manual reboot clock: a whole update, resume, every refusal by the module, and an unhealthy image rolled back.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from devices.attest import (
     make_sim_attestation,
     verify_attestation,
 )
-from devices.drivers.base import Address, Driver
+from devices.drivers.base import Address, Driver, FirmwareCapable, FirmwareSlots
 from devices.drivers.ores_http import OresHttpDriver, parse_identity_body, parse_telemetry_body
 from devices.errors import (
     AuthenticationFailed,
@@ -64,8 +66,10 @@ from devices.model import (
 )
 from devices.ores_http_wire import MAX_BODY_BYTES, generate_credential, identity_to_wire
 from devices.sim.base import StaticModule
+from devices.sim.firmware import SimFirmware
 from devices.sim.ores_http_server import OresHttpSimServer, start_ores_http_server
 from hub.trust import TrustStore
+from tests.devices.sim.test_firmware import ManualClock, Signer, image_of
 
 LOGGER_NAME = "devices.drivers.ores_http"
 
@@ -1111,3 +1115,179 @@ async def test_set_credential_takes_effect_at_once(serve: ServeFn, make_driver: 
     for bad in ("", "two words", "ünïcode"):
         with pytest.raises(ValueError):
             driver.set_credential(bad)
+
+
+# -------------------- firmware update (§9)
+
+FW_INFO = MODULES[DeviceKind.MICROINVERTER][0]
+FW_VENDOR, FW_MODEL, FW_RUNNING = FW_INFO.identity.vendor, FW_INFO.identity.model, "1.2.3"
+
+
+async def firmware_module(
+    serve: ServeFn,
+    signer: Signer,
+    clock: ManualClock,
+    *,
+    fail_versions: frozenset[str] = frozenset(),
+    **kwargs: object,
+) -> tuple[OresHttpSimServer, SimFirmware]:
+    firmware = SimFirmware(
+        FW_VENDOR,
+        FW_MODEL,
+        FW_RUNNING,
+        trusted=signer.trust(),
+        reboot_s=5.0,
+        clock=clock,
+        fail_versions=fail_versions,
+    )
+    server = await serve(static_module(DeviceKind.MICROINVERTER), firmware=firmware, **kwargs)
+    return server, firmware
+
+
+async def update_to(driver: OresHttpDriver, signer: Signer, image: bytes, version: str) -> None:
+    """The hub's side of a transfer: begin, chunks of 64 KiB from the resume point, install."""
+    offset = await driver.firmware_begin(*signer.release(image, version, models=(FW_MODEL,)))
+    while offset < len(image):
+        offset = await driver.firmware_chunk(offset, image[offset : offset + 65536])
+    await driver.firmware_install()
+
+
+def test_driver_is_firmware_capable() -> None:
+    driver = OresHttpDriver(Address.parse("http://127.0.0.1:8080"))
+    assert isinstance(driver, FirmwareCapable)
+    assert driver.firmware_chunk_bytes == 256 * 1024
+
+
+async def test_firmware_update_through_the_driver(serve: ServeFn, make_driver: DriverFn) -> None:
+    signer, clock = Signer.new(FW_VENDOR), ManualClock()
+    server, _firmware = await firmware_module(serve, signer, clock)
+    driver = make_driver(server.address)
+    assert await driver.firmware_status() == FirmwareSlots(FW_RUNNING, None, "idle", 0, None)
+    image = image_of(600_000)
+    assert await driver.firmware_begin(*signer.release(image, "1.3.0", models=(FW_MODEL,))) == 0
+    assert await driver.firmware_chunk(0, image[:100_000]) == 100_000
+    assert (await driver.firmware_status()).received_bytes == 100_000
+    # one call larger than a request may carry: the driver splits it into PUTs of 256 KiB
+    assert await driver.firmware_chunk(100_000, image[100_000:]) == 600_000
+    await driver.firmware_install()
+
+    with pytest.raises(DeviceUnreachable, match="503"):
+        await driver.probe()
+    with pytest.raises(DeviceUnreachable, match="rebooting"):
+        await driver.firmware_status()
+    clock.advance(5.0)
+    info = await driver.probe()
+    assert info.identity.firmware_version == "1.3.0"
+    assert await driver.firmware_status() == FirmwareSlots("1.3.0", FW_RUNNING, "idle", 0, None)
+    assert (await driver.read()).state is not OperatingState.FAULT
+
+
+async def test_interrupted_transfer_resumes(serve: ServeFn, make_driver: DriverFn) -> None:
+    signer, clock = Signer.new(FW_VENDOR), ManualClock()
+    server, firmware = await firmware_module(serve, signer, clock)
+    image = image_of(200_000)
+    release = signer.release(image, "1.3.0", models=(FW_MODEL,))
+    first = make_driver(server.address)
+    assert await first.firmware_begin(*release) == 0
+    assert await first.firmware_chunk(0, image[:100_000]) == 100_000
+    await first.close()  # the hub stops half-way (restart, lost link)
+
+    second = make_driver(server.address)
+    with pytest.raises(CommandRejected, match=r"wrong_offset.*resume at 100000"):
+        await second.firmware_chunk(0, image[:1000])
+    assert await second.firmware_begin(*release) == 100_000
+    assert await second.firmware_chunk(100_000, image[100_000:]) == 200_000
+    await second.firmware_install()
+    clock.advance(5.0)
+    assert firmware.running_version == "1.3.0"
+    assert (await second.probe()).identity.firmware_version == "1.3.0"
+
+
+async def test_module_refuses_a_tampered_image(serve: ServeFn, make_driver: DriverFn) -> None:
+    signer, clock = Signer.new(FW_VENDOR), ManualClock()
+    server, firmware = await firmware_module(serve, signer, clock)
+    driver = make_driver(server.address)
+    image = image_of(50_000)
+    tampered = bytearray(image)
+    tampered[25_000] ^= 0x80
+    await driver.firmware_begin(*signer.release(image, "1.3.0", models=(FW_MODEL,)))
+    assert await driver.firmware_chunk(0, bytes(tampered)) == 50_000
+    with pytest.raises(CommandRejected, match="422 hash_mismatch") as info:
+        await driver.firmware_install()
+    assert "SHA-256" in str(info.value)
+    assert not firmware.rebooting
+    status = await driver.firmware_status()
+    assert (status.active_version, status.inactive_version, status.state) == (FW_RUNNING, None, "failed")
+    assert (status.error or "").startswith("hash_mismatch: ")
+    assert (await driver.probe()).identity.firmware_version == FW_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("make_release", "code"),
+    [
+        (lambda s, o, img: s.release(img, "1.3.0", models=("MI-800",)), "wrong_model"),
+        (lambda s, o, img: s.release(img, "1.0.0", models=(FW_MODEL,)), "downgrade"),
+        (lambda s, o, img: s.release(img, FW_RUNNING, models=(FW_MODEL,)), "not_newer"),
+        (lambda s, o, img: (s.release(img, "1.3.0", models=(FW_MODEL,))[0], bytes(64)), "bad_signature"),
+        (lambda s, o, img: (s.release(img, "1.3.0", models=(FW_MODEL,))[0], b"unsigned"), "bad_signature"),
+        (  # a valid manifest signed by someone else with the vendor's key id
+            lambda s, o, img: (
+                (manifest := s.release(img, "1.3.0", models=(FW_MODEL,))[0]),
+                o.key.sign(manifest),
+            ),
+            "bad_signature",
+        ),
+        (lambda s, o, img: o.release(img, "1.3.0", models=(FW_MODEL,)), "untrusted_key"),
+    ],
+)
+async def test_module_refuses_releases_with_its_reason(
+    make_release: Callable[[Signer, Signer, bytes], tuple[bytes, bytes]],
+    code: str,
+    serve: ServeFn,
+    make_driver: DriverFn,
+) -> None:
+    signer, clock = Signer.new(FW_VENDOR), ManualClock()
+    server, firmware = await firmware_module(serve, signer, clock)
+    driver = make_driver(server.address)
+    manifest, signature = make_release(signer, Signer.new(FW_VENDOR), image_of(1000))
+    with pytest.raises(CommandRejected, match=f"422 {code}"):
+        await driver.firmware_begin(manifest, signature)
+    assert firmware.status().state == "idle"
+    assert (await driver.firmware_status()).error is not None
+
+
+async def test_unhealthy_image_is_rolled_back(serve: ServeFn, make_driver: DriverFn) -> None:
+    signer, clock = Signer.new(FW_VENDOR), ManualClock()
+    server, _firmware = await firmware_module(serve, signer, clock, fail_versions=frozenset({"2.0.0"}))
+    driver = make_driver(server.address)
+    with pytest.raises(CommandRejected, match="no_previous"):
+        await driver.firmware_rollback()
+    await update_to(driver, signer, image_of(30_000), "2.0.0")
+    clock.advance(5.0)
+    assert (await driver.probe()).identity.firmware_version == "2.0.0"
+    assert (await driver.read()).state is OperatingState.FAULT
+    assert [f.code for f in (await driver.status()).faults] == ["firmware_unhealthy"]
+
+    await driver.firmware_rollback()
+    with pytest.raises(DeviceUnreachable):
+        await driver.read()
+    clock.advance(5.0)
+    assert (await driver.probe()).identity.firmware_version == FW_RUNNING
+    assert (await driver.read()).state is OperatingState.THROTTLED  # the module's own state again
+    assert await driver.firmware_status() == FirmwareSlots(FW_RUNNING, "2.0.0", "idle", 0, None)
+
+
+async def test_firmware_errors_of_the_transport(serve: ServeFn, make_driver: DriverFn) -> None:
+    plain = await serve(static_module(DeviceKind.MICROINVERTER))
+    with pytest.raises(NotSupported, match="404"):
+        await make_driver(plain.address).firmware_status()
+    signer, clock = Signer.new(FW_VENDOR), ManualClock()
+    server, _firmware = await firmware_module(serve, signer, clock, credential="tok-123")
+    with pytest.raises(AuthenticationFailed):
+        await make_driver(server.address).firmware_begin(*signer.release(b"x", "1.3.0", models=(FW_MODEL,)))
+    driver = make_driver(server.address, credential="tok-123")
+    assert await driver.firmware_begin(*signer.release(b"x", "1.3.0", models=(FW_MODEL,))) == 0
+    with pytest.raises(ValueError, match="manifest"):
+        await driver.firmware_begin(bytes(64 * 1024 + 1), bytes(64))
+    with pytest.raises(ValueError, match="offset"):
+        await driver.firmware_chunk(-1, b"x")

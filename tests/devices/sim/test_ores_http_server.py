@@ -4,7 +4,7 @@ They check the server against docs/module-protocol.md itself (not through the hu
 of the four endpoints, the error body and status for every kind of bad request, the bearer check, the
 active setpoint and watchdog in ``/status``, and a clean stop; and the authentication of §6: challenges signed
 with the device key, provisioning, the credential required afterwards, refused take-over, re-key and
-deprovisioning.
+deprovisioning; and the firmware update of §9 with real signed releases and a manual reboot clock.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from devices.model import (
 )
 from devices.ores_http_wire import MAX_BODY_BYTES, Fault, generate_credential, parse_ts
 from devices.sim.base import SimServer, StaticModule
+from devices.sim.firmware import SimFirmware
 from devices.sim.ores_http_server import OresHttpSimServer, ReportsFaults, start_ores_http_server
+from tests.devices.sim.test_firmware import ManualClock, Signer, image_of
 
 INVERTER = DeviceInfo(
     DeviceKind.MICROINVERTER,
@@ -571,3 +573,188 @@ async def test_legacy_credential_reports_provisioned(serve: Serve, http: aiohttp
     assert identity["provisioned"] is True
     status, _, _ = await call(http, "POST", url(server, CHALLENGE), b"{}", JSON)
     assert status == 404  # no attestation: the challenge is not implemented, and open
+
+
+# ----------------------------------------------------------------------------------------- firmware (§9)
+
+FIRMWARE = "firmware"
+BEGIN = "firmware/begin"
+IMAGE = "firmware/image"
+INSTALL = "firmware/install"
+ROLLBACK = "firmware/rollback"
+OCTETS = {"Content-Type": "application/octet-stream"}
+
+
+def inverter_firmware(signer: Signer, clock: ManualClock, **kwargs: Any) -> SimFirmware:
+    identity = INVERTER.identity
+    return SimFirmware(
+        identity.vendor,
+        identity.model,
+        identity.firmware_version,
+        trusted=signer.trust(),
+        reboot_s=2.0,
+        clock=clock,
+        **kwargs,
+    )
+
+
+def begin_body(signer: Signer, image: bytes, version: str, **kwargs: Any) -> bytes:
+    kwargs.setdefault("models", (INVERTER.identity.model,))
+    manifest, signature = signer.release(image, version, **kwargs)
+    return json.dumps(
+        {"manifest": base64.b64encode(manifest).decode(), "signature": base64.b64encode(signature).decode()}
+    ).encode()
+
+
+async def put_chunk(
+    http: aiohttp.ClientSession, server: OresHttpSimServer, offset: int | str, data: bytes
+) -> tuple[int, Any]:
+    status, body, _ = await call(http, "PUT", f"{url(server, IMAGE)}?offset={offset}", data, OCTETS)
+    return status, body
+
+
+async def test_firmware_endpoints_are_404_without_firmware(serve: Serve, http: aiohttp.ClientSession) -> None:
+    server = await serve(inverter())
+    assert server.firmware is None
+    for method, endpoint in (("GET", FIRMWARE), ("POST", BEGIN), ("PUT", IMAGE), ("POST", INSTALL)):
+        status, data, _ = await call(http, method, url(server, endpoint), b"{}", JSON)
+        assert status == 404
+        assert_error(data, "not_found")
+
+
+async def test_a_whole_update_over_the_wire(serve: Serve, http: aiohttp.ClientSession) -> None:
+    signer, clock = Signer.new("Acme Solar"), ManualClock()
+    firmware = inverter_firmware(signer, clock)
+    module = inverter()
+    server = await serve(module, firmware=firmware)
+    assert server.firmware is firmware
+    status, data, _ = await call(http, "GET", url(server, FIRMWARE))
+    assert (status, data) == (
+        200,
+        {
+            "active_version": "1.2.3",
+            "inactive_version": None,
+            "state": "idle",
+            "received_bytes": 0,
+            "error": None,
+        },
+    )
+    image = image_of(300_000)  # more than one chunk of 256 KiB
+    status, data, _ = await call(http, "POST", url(server, BEGIN), begin_body(signer, image, "1.3.0"), JSON)
+    assert (status, data) == (200, {"received_bytes": 0})
+    assert await put_chunk(http, server, 0, image[:262_144]) == (200, {"received_bytes": 262_144})
+    status, data, _ = await call(http, "GET", url(server, FIRMWARE))
+    assert (data["state"], data["received_bytes"]) == ("receiving", 262_144)
+    assert await put_chunk(http, server, 262_144, image[262_144:]) == (200, {"received_bytes": 300_000})
+    # control before the update; the module starts at its default after the reboot
+    await post_control(http, server, {"power_limit_pct": 40})
+
+    status, data, _ = await call(http, "POST", url(server, INSTALL), b"", JSON)
+    assert status == 202
+    assert data["state"] == "rebooting"
+    for endpoint in ("identity", "telemetry", FIRMWARE):
+        status, data, response = await call(http, "GET", url(server, endpoint))
+        assert status == 503
+        assert_error(data, "unavailable", "rebooting")
+        assert response.headers["Retry-After"] == "2"
+
+    clock.advance(2.0)
+    _, identity, _ = await call(http, "GET", url(server, "identity"))
+    assert identity["firmware_version"] == "1.3.0"
+    _, data, _ = await call(http, "GET", url(server, FIRMWARE))
+    assert (data["active_version"], data["inactive_version"], data["state"]) == ("1.3.0", "1.2.3", "idle")
+    _, status_body, _ = await call(http, "GET", url(server, "status"))
+    assert status_body["uptime_s"] == 0.0
+    assert status_body["setpoint"]["power_limit_pct"] is None
+    assert module.received[-1][0] == Setpoint(release=True)
+
+
+async def test_firmware_refusals_have_their_status_and_code(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    signer, clock = Signer.new("Acme Solar"), ManualClock()
+    server = await serve(inverter(), firmware=inverter_firmware(signer, clock))
+    image = image_of(5000)
+    for body, code in (
+        (begin_body(signer, image, "1.3.0", models=("MI-800",)), "wrong_model"),
+        (begin_body(signer, image, "1.2.0"), "downgrade"),
+        (begin_body(Signer.new("Acme Solar"), image, "1.3.0"), "untrusted_key"),
+    ):
+        status, data, _ = await call(http, "POST", url(server, BEGIN), body, JSON)
+        assert status == 422
+        assert_error(data, code)
+    status, data, _ = await call(http, "POST", url(server, BEGIN), b'{"manifest": "!"}', JSON)
+    assert status == 400
+    assert_error(data, "bad_request")
+
+    status, data = await put_chunk(http, server, 0, image)
+    assert status == 409
+    assert_error(data, "no_update")
+    await call(http, "POST", url(server, BEGIN), begin_body(signer, image, "1.3.0"), JSON)
+    status, data = await put_chunk(http, server, 100, image[:100])
+    assert status == 409
+    assert_error(data, "wrong_offset", "resume at 0")
+    assert data["error"]["details"] == {"received_bytes": 0}
+    for offset in ("", "-1", "1e3", "x"):
+        status, data = await put_chunk(http, server, offset, image[:100])
+        assert status == 400
+        assert_error(data, "bad_request", "offset")
+    status, data = await put_chunk(http, server, 0, bytes(256 * 1024 + 1))
+    assert status == 413
+    assert_error(data, "body_too_large")
+    assert (await put_chunk(http, server, 0, image[:1000]))[0] == 200
+    status, data, _ = await call(http, "POST", url(server, INSTALL))
+    assert status == 422
+    assert_error(data, "size_mismatch", "resume at 1000")
+    status, data, _ = await call(http, "POST", url(server, ROLLBACK))
+    assert status == 409
+    assert_error(data, "no_previous")
+    status, data, _ = await call(http, "GET", url(server, BEGIN))
+    assert status == 405
+    _, data, _ = await call(http, "GET", url(server, FIRMWARE))
+    assert data["error"]["code"] == "no_previous"
+
+
+async def test_firmware_needs_the_credential(serve: Serve, http: aiohttp.ClientSession) -> None:
+    signer, clock = Signer.new("Acme Solar"), ManualClock()
+    server = await serve(inverter(), credential="tok-123", firmware=inverter_firmware(signer, clock))
+    status, data, _ = await call(http, "GET", url(server, FIRMWARE))
+    assert status == 401
+    assert_error(data, "unauthorized")
+    status, _, _ = await call(http, "GET", url(server, FIRMWARE), headers={"Authorization": "Bearer tok-123"})
+    assert status == 200
+
+
+async def test_an_unhealthy_image_is_a_fault_until_rolled_back(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    signer, clock = Signer.new("Acme Solar"), ManualClock()
+    server = await serve(
+        inverter(), firmware=inverter_firmware(signer, clock, fail_versions=frozenset({"2.0.0"}))
+    )
+    image = image_of(2000)
+    await call(http, "POST", url(server, BEGIN), begin_body(signer, image, "2.0.0"), JSON)
+    await put_chunk(http, server, 0, image)
+    assert (await call(http, "POST", url(server, INSTALL)))[0] == 202
+    clock.advance(2.0)
+    _, telemetry, _ = await call(http, "GET", url(server, "telemetry"))
+    assert telemetry["state"] == "fault"
+    _, status_body, _ = await call(http, "GET", url(server, "status"))
+    assert [fault["code"] for fault in status_body["faults"]] == ["firmware_unhealthy"]
+    status, data = await post_control(http, server, {"power_limit_pct": 50})
+    assert status == 409
+    assert_error(data, "not_allowed_in_state")
+
+    status, data, _ = await call(http, "POST", url(server, ROLLBACK))
+    assert (status, data["state"]) == (202, "rebooting")
+    clock.advance(2.0)
+    _, identity, _ = await call(http, "GET", url(server, "identity"))
+    assert identity["firmware_version"] == "1.2.3"
+    _, telemetry, _ = await call(http, "GET", url(server, "telemetry"))
+    assert telemetry["state"] == "running"
+
+
+def test_firmware_must_be_for_the_module() -> None:
+    firmware = SimFirmware("Acme Solar", "MI-800", "1.0.0", trusted={})
+    with pytest.raises(ValueError, match="MI-800"):
+        OresHttpSimServer(inverter(), firmware=firmware)
