@@ -108,6 +108,7 @@ class SimFirmware:
         trusted: Mapping[str, TrustedKey],
         reboot_s: float = DEFAULT_REBOOT_S,
         fail_versions: frozenset[str] = frozenset(),
+        unhealthy_tag: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_image: int = DEFAULT_SLOT_BYTES,
     ) -> None:
@@ -118,6 +119,8 @@ class SimFirmware:
         try:
             running = Version.parse(running_version)
             failing = frozenset(Version.parse(v) for v in fail_versions)
+            if unhealthy_tag is not None and not unhealthy_tag.isalnum():
+                raise InvalidVersion(f"unhealthy_tag must be alphanumeric, not {unhealthy_tag!r}")
         except InvalidVersion as err:
             raise ValueError(f"a simulated module's firmware versions must be semantic: {err}") from err
         self._vendor = vendor
@@ -125,6 +128,7 @@ class SimFirmware:
         self._trusted = dict(trusted)
         self._reboot_s = reboot_s
         self._fail_versions = failing
+        self._unhealthy_tag = unhealthy_tag
         self._clock = clock
         self._max_image = max_image
         self._lock = threading.RLock()
@@ -141,6 +145,16 @@ class SimFirmware:
         return f"SimFirmware({self._vendor!r}, {self._model!r}, {str(self.running_version)!r})"
 
     # ------------------------------------------------------------------ state
+
+    def _boots_unhealthy(self, version: Version) -> bool:
+        """Failure injection: listed versions, and (with ``unhealthy_tag``) any version whose pre-release
+        identifiers include that tag, e.g. ``2.0.0-unhealthy``."""
+        if version in self._fail_versions:
+            return True
+        core = str(version).split("+", 1)[0]
+        if self._unhealthy_tag is None or "-" not in core:
+            return False
+        return self._unhealthy_tag in core.split("-", 1)[1].split(".")
 
     @property
     def vendor(self) -> str:
@@ -183,7 +197,7 @@ class SimFirmware:
         """``False`` while the active slot holds a version of ``fail_versions`` (it booted unhealthy)."""
         with self._lock:
             self._tick()
-            return self._active.version not in self._fail_versions
+            return not self._boots_unhealthy(self._active.version)
 
     @property
     def uptime_s(self) -> float:
@@ -331,7 +345,7 @@ class SimFirmware:
         self._booted_at = until
         self._boot_count += 1
         self._state = IDLE
-        healthy = self._active.version not in self._fail_versions
+        healthy = not self._boots_unhealthy(self._active.version)
         _LOGGER.info("%r: booted %s (%s)", self, self._active.version, "healthy" if healthy else "unhealthy")
 
     def _start_reboot(self) -> None:

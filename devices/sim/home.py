@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 from devices.attest import SimAttestation, demo_vendor_key, make_sim_attestation
 from devices.model import DeviceKind
+from devices.sim.firmware import SimFirmware
+from firmware.manifest import key_id as fw_key_id
+from firmware.verify import VendorKey
 from devices.sim.base import SimServer, SimulatedModule
 from devices.sim.ores_http_server import start_ores_http_server
 from devices.sim.physics import build_demo_home
@@ -46,9 +49,27 @@ def demo_attestation(module: SimulatedModule) -> SimAttestation:
     )
 
 
+def demo_firmware(module: SimulatedModule, *, reboot_s: float = 3.0) -> SimFirmware:
+    """A/B firmware slots for a simulated module that accept images signed by its vendor's demo key.
+    Versions whose pre-release tag is ``unhealthy`` (``2.0.0-unhealthy``) boot into a fault, so the demo
+    can show a rollback."""
+    ident = module.info.identity
+    vendor_key = demo_vendor_key(ident.vendor).public_key()
+    return SimFirmware(
+        ident.vendor,
+        ident.model,
+        ident.firmware_version or "0.0.1",
+        trusted={fw_key_id(vendor_key): VendorKey(ident.vendor, vendor_key)},
+        reboot_s=reboot_s,
+        unhealthy_tag="unhealthy",
+    )
+
+
 async def serve_module(module: SimulatedModule, protocol: str, host: str = "127.0.0.1") -> SimServer:
     if protocol == "ores-http":
-        return await start_ores_http_server(module, host=host, attestation=demo_attestation(module))
+        return await start_ores_http_server(
+            module, host=host, attestation=demo_attestation(module), firmware=demo_firmware(module)
+        )
     profile = "der" if protocol == "sunspec-der" else "legacy"
     return await start_sunspec_server(module, host=host, profile=profile)
 
