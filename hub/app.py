@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from devices.drivers import load_builtin_drivers
+from hub.api import firmware_routes
 from hub.api.errors import error_middleware
 from hub.api.routes import apply_hub_settings, router
 from hub.api.routing import MAX_BODY_BYTES
@@ -53,6 +54,7 @@ def build_context(config: HubConfig) -> HubContext:
     trust = TrustStore(data / "trust.json")
     hub = HubContext(config, settings, registry, history, auth, bus, state, arbiter, links, alerts, trust)
     hub.onboarding = Onboarding(hub)
+    firmware_routes.attach(hub)
     apply_hub_settings(hub)
     alerts.low_soc_pct = settings.app.low_soc_alert_pct
     alerts.max_temperature_c = settings.app.max_temperature_alert_c
@@ -89,6 +91,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await hub.history.start()
     hub.links.start_all()
     hub.onboarding.start()
+    await hub.rollouts.start()
     evaluator = asyncio.create_task(_evaluate_alerts(hub), name="alerts")
     try:
         yield
@@ -96,6 +99,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         evaluator.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await evaluator
+        await hub.rollouts.stop()
         hub.bus.close()
         await hub.onboarding.stop()
         await hub.links.stop()

@@ -20,7 +20,9 @@ from hub.state import EventBus, LiveState
 from hub.trust import TrustStore
 
 if TYPE_CHECKING:
+    from hub.firmware_store import FirmwareStore
     from hub.onboarding import Onboarding
+    from hub.rollout import RolloutManager
 
 
 @dataclass(slots=True)
@@ -37,6 +39,9 @@ class HubContext:
     alerts: Alerts
     trust: TrustStore
     onboarding: Onboarding = field(init=False)
+    #: Verified firmware releases and their rollouts (built by ``hub.api.firmware_routes.attach``).
+    firmware: FirmwareStore = field(init=False)
+    rollouts: RolloutManager = field(init=False)
     started_at: float = field(default_factory=time.time)
     #: State of each discovery source ("running", "off", "unavailable: ...") and their re-scan functions.
     discovery_status: dict[str, str] = field(default_factory=dict)

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 
 from devices.attest import SimAttestation, demo_vendor_key, make_sim_attestation
 from devices.model import DeviceKind
-from devices.sim.firmware import SimFirmware
-from firmware.manifest import key_id as fw_key_id
-from firmware.verify import VendorKey
 from devices.sim.base import SimServer, SimulatedModule
+from devices.sim.firmware import SimFirmware
 from devices.sim.ores_http_server import start_ores_http_server
 from devices.sim.physics import build_demo_home
 from devices.sim.sunspec_server import start_sunspec_server
+from firmware.manifest import key_id as fw_key_id
+from firmware.verify import VendorKey
 
 
 def protocol_for(module: SimulatedModule, index: int) -> str:
