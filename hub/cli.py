@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a network where modules may live (repeatable; default: loopback, private and link-local ranges)",
     )
     p.add_argument(
-        "--no-discovery", action="store_true", help="don't browse mDNS / scan BLE for modules or advertise the hub"
+        "--no-discovery",
+        action="store_true",
+        help="don't browse mDNS / scan BLE for modules or advertise the hub",
     )
     p.add_argument(
         "--trust-demo-vendors",
@@ -195,7 +197,9 @@ async def _onboard_sims(hub: HubContext, sims: list[SimServer], zeroconf: Any) -
     ob.open_window(600)
     waiting = {sim.module.info.device_id for sim in sims}
     sub = hub.bus.subscribe()
-    print(f"Onboarding {len(sims)} simulated modules over mDNS (policy auto, pairing window open):", flush=True)
+    print(
+        f"Onboarding {len(sims)} simulated modules over mDNS (policy auto, pairing window open):", flush=True
+    )
     announcers = await announce_all(sims, zeroconf=zeroconf)
     try:
         async with asyncio.timeout(60):

@@ -6,7 +6,14 @@ rule out, and it can authenticate), then SunSpec Modbus TCP.
 
 from devices.drivers.base import Address, Driver, probe_address, register_driver, registered_drivers
 
-__all__ = ["Address", "Driver", "load_builtin_drivers", "probe_address", "register_driver", "registered_drivers"]
+__all__ = [
+    "Address",
+    "Driver",
+    "load_builtin_drivers",
+    "probe_address",
+    "register_driver",
+    "registered_drivers",
+]
 
 
 def load_builtin_drivers() -> None:

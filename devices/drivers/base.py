@@ -19,7 +19,9 @@ from devices.errors import DeviceError, NotSupported
 from devices.model import DeviceInfo, Setpoint, Telemetry
 
 _LOGGER = logging.getLogger(__name__)
-_BLE_ADDRESS = re.compile(r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}|[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
+_BLE_ADDRESS = re.compile(
+    r"(?:[0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}|[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}"
+)
 
 DEFAULT_TIMEOUT_S = 2.0
 

@@ -64,6 +64,8 @@ class Operation:
     stream: str | None  # content type of a streamed response, e.g. text/event-stream
     errors: tuple[int, ...] = field(default_factory=tuple)
     also: tuple[int, ...] = field(default_factory=tuple)  # other success statuses with the same body
+    # OpenAPI ``requestBody`` of an operation that reads its own body (e.g. a multipart upload)
+    request_body: dict[str, Any] | None = None
 
 
 _PATH_PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
@@ -100,6 +102,7 @@ class ApiRouter:
         stream: str | None = None,
         errors: tuple[int, ...] = (),
         also: tuple[int, ...] = (),
+        request_body: dict[str, Any] | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         def decorator(fn: HandlerFn) -> HandlerFn:
             self.operations.append(
@@ -118,6 +121,7 @@ class ApiRouter:
                     stream=stream,
                     errors=errors,
                     also=also,
+                    request_body=request_body,
                 )
             )
             return fn
@@ -154,7 +158,11 @@ class ApiRouter:
                         "the request body does not match the schema",
                         _validation_details(err),
                     ) from err
-            elif request.can_read_body and request.method in ("POST", "PUT", "PATCH"):
+            elif (
+                op.request_body is None
+                and request.can_read_body
+                and request.method in ("POST", "PUT", "PATCH")
+            ):
                 # Nothing is expected: still refuse oversized input cheaply.
                 await _read_json(request, allow_empty=True)
             call: Call[Any, Any] = Call(request, query, body, token, dict(request.match_info))
@@ -221,7 +229,7 @@ class ApiRouter:
                 responses[str(op.status)] = {"description": "success"}
             error_ref = {"content": {"application/json": {"schema": refs[(ErrorBody, "validation")]}}}
             codes = {400, *op.errors}
-            if op.body is not None:
+            if op.body is not None or op.request_body is not None:
                 codes |= {413, 415, 422}
             if op.role is not None:
                 codes |= {401, 403}
@@ -244,6 +252,8 @@ class ApiRouter:
                     "required": True,
                     "content": {"application/json": {"schema": refs[(op.body, "validation")]}},
                 }
+            if op.request_body is not None:
+                operation["requestBody"] = op.request_body
             item[op.method.lower()] = operation
         return {
             "openapi": "3.1.0",
@@ -266,6 +276,7 @@ _ERROR_TEXT = {
     415: "request body is not JSON",
     422: "request body fails validation",
     429: "too many attempts",
+    507: "not enough storage for the upload",
     502: "the module answered badly",
     504: "the module did not answer",
 }

@@ -91,7 +91,9 @@ def wait_for(cond: Any, timeout: float = 60.0) -> Any:
         time.sleep(0.2)
 
 
-def test_demo_onboards_the_simulated_home_and_survives_restarts(tmp_path: Path, procs: list[HubProcess]) -> None:
+def test_demo_onboards_the_simulated_home_and_survives_restarts(
+    tmp_path: Path, procs: list[HubProcess]
+) -> None:
     data = tmp_path / "demo"
     hub = HubProcess(data, "--demo")
     procs.append(hub)
@@ -108,7 +110,10 @@ def test_demo_onboards_the_simulated_home_and_survives_restarts(tmp_path: Path, 
 
     monitor = wait_for(all_online)
     kinds = sorted(d["kind"] for d in monitor["devices"])
-    assert kinds == ["energystorage", "meter", "microinverter", "microinverter", "microinverter"] + ["smartplug"] * 3
+    assert (
+        kinds
+        == ["energystorage", "meter", "microinverter", "microinverter", "microinverter"] + ["smartplug"] * 3
+    )
     assert {d["protocol"] for d in monitor["devices"]} == {"sunspec-modbus", "ores-http"}
     site = monitor["site"]
     assert site["grid_ok"] is True
@@ -149,7 +154,9 @@ def test_demo_onboards_the_simulated_home_and_survives_restarts(tmp_path: Path, 
     assert {d["device_id"] for d in listing["devices"]} == ids
 
 
-def test_sigkill_during_registration_loses_no_acknowledged_module(tmp_path: Path, procs: list[HubProcess]) -> None:
+def test_sigkill_during_registration_loses_no_acknowledged_module(
+    tmp_path: Path, procs: list[HubProcess]
+) -> None:
     data = tmp_path / "kill"
     hub = HubProcess(data, "--demo")
     procs.append(hub)

@@ -81,7 +81,9 @@ class Lab:
 async def lab(hub: Hub) -> Any:
     vendor_key = Ed25519PrivateKey.generate()
     status, body = await hub.request(
-        "POST", "/hub/trust", json_body={"vendor": VENDOR, "public_key": raw_b64(vendor_key), "purposes": ["device"]}
+        "POST",
+        "/hub/trust",
+        json_body={"vendor": VENDOR, "public_key": raw_b64(vendor_key), "purposes": ["device"]},
     )
     assert status == 201, body
     servers: list[SimServer] = []
@@ -101,7 +103,7 @@ async def discovery(hub: Hub) -> dict[str, Any]:
 
 async def test_approve_policy_lists_a_verified_module_until_a_user_approves_it(lab: Lab) -> None:
     hub = lab.hub
-    module, server = await lab.module(DeviceKind.MICROINVERTER, "INV-A1")
+    _module, server = await lab.module(DeviceKind.MICROINVERTER, "INV-A1")
     sighting = lab.announce(server)
     cand = await lab.examined(sighting)
     assert cand.status is CandidateStatus.VERIFIED
@@ -111,20 +113,24 @@ async def test_approve_policy_lists_a_verified_module_until_a_user_approves_it(l
     ]
     assert hub.ctx.registry.get(sighting.claimed_id) is None  # approve policy: nothing without the user
 
-    status, body = await hub.request("POST", "/device/register", json_body={"candidate_id": sighting.claimed_id})
+    status, body = await hub.request(
+        "POST", "/device/register", json_body={"candidate_id": sighting.claimed_id}
+    )
     assert status == 201, body
     assert body["authenticated"] is True
     assert (await discovery(hub))["candidates"] == []
     # The module now holds a credential from this hub and answers only it.
     assert server.provisioned  # type: ignore[attr-defined]
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{server.address.port}/ores/v1/telemetry") as resp:
-            assert resp.status == 401
+    url = f"http://127.0.0.1:{server.address.port}/ores/v1/telemetry"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 401
     live = hub.ctx.state.devices[sighting.claimed_id]
     await until(lambda: live.online and live.telemetry is not None, what="polled with the credential")
     status, sec = await hub.request("GET", "/device/security/authenticate")
     assert sec["devices"][0]["provisioned"] is True
-    status, res = await hub.request("POST", "/device/security/authenticate", json_body={"device_id": sighting.claimed_id})
+    status, res = await hub.request(
+        "POST", "/device/security/authenticate", json_body={"device_id": sighting.claimed_id}
+    )
     assert res["ok"] is True
     # Removing the module hands it back: unprovisioned, ready for another hub.
     status, _ = await hub.request("DELETE", f"/device/register/{sighting.claimed_id}")
@@ -140,9 +146,13 @@ async def test_auto_policy_registers_verified_modules_only_while_the_window_is_o
     s1 = lab.announce(first)
     assert (await lab.examined(s1)).status is CandidateStatus.VERIFIED
     assert hub.ctx.registry.get(s1.claimed_id) is None  # window closed: waits
-    status, body = await hub.request("POST", "/device/discovery", json_body={"action": "open_window", "duration_s": 60})
+    status, body = await hub.request(
+        "POST", "/device/discovery", json_body={"action": "open_window", "duration_s": 60}
+    )
     assert status == 200 and body["window_open"] is True
-    await until(lambda: hub.ctx.registry.get(s1.claimed_id) is not None, what="registered when the window opened")
+    await until(
+        lambda: hub.ctx.registry.get(s1.claimed_id) is not None, what="registered when the window opened"
+    )
     _, second = await lab.module(DeviceKind.SMARTPLUG, "PLUG-A2")
     s2 = lab.announce(second)
     await until(lambda: hub.ctx.registry.get(s2.claimed_id) is not None, what="registered at once")
@@ -168,7 +178,9 @@ async def test_legacy_sunspec_module_needs_explicit_approval_and_stays_unauthent
     assert cand.status is CandidateStatus.UNVERIFIED
     assert not cand.proven
     assert hub.ctx.registry.get(sighting.claimed_id) is None  # never automatic
-    status, body = await hub.request("POST", "/device/register", json_body={"candidate_id": sighting.claimed_id})
+    status, body = await hub.request(
+        "POST", "/device/register", json_body={"candidate_id": sighting.claimed_id}
+    )
     assert status == 201, body
     assert body["authenticated"] is False
     assert body["protocol"] == "sunspec-modbus"
@@ -183,20 +195,26 @@ async def test_an_ores_module_without_a_certificate_is_unverified(lab: Lab) -> N
 # --------------------------------------------------------------------------------------------- attacks
 
 
-async def assert_rejected(lab: Lab, sighting: Sighting, caplog: pytest.LogCaptureFixture, reason: str) -> None:
+async def assert_rejected(
+    lab: Lab, sighting: Sighting, caplog: pytest.LogCaptureFixture, reason: str
+) -> None:
     cand = await lab.examined(sighting)
     assert cand.status is CandidateStatus.REJECTED
     assert cand.reason is not None and reason in cand.reason, cand.reason
     rejected = (await discovery(lab.hub))["rejected"]
     assert any(reason in r["reason"] for r in rejected), rejected
     assert reason in caplog.text
-    status, body = await lab.hub.request("POST", "/device/register", json_body={"candidate_id": sighting.claimed_id})
+    status, body = await lab.hub.request(
+        "POST", "/device/register", json_body={"candidate_id": sighting.claimed_id}
+    )
     assert status == 409
     assert_error(body, "not_approvable")
     assert lab.hub.ctx.registry.get(sighting.claimed_id) is None
 
 
-async def test_module_signing_with_the_wrong_key_is_rejected(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+async def test_module_signing_with_the_wrong_key_is_rejected(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
     genuine = make_sim_attestation(lab.vendor_key, vendor=VENDOR, model="T-microinverter", serial="INV-W")
     forged = SimAttestation(Ed25519PrivateKey.generate(), genuine.certificate)  # the certificate, not the key
     _, server = await lab.module(DeviceKind.MICROINVERTER, "INV-W", attestation=forged)
@@ -204,7 +222,9 @@ async def test_module_signing_with_the_wrong_key_is_rejected(lab: Lab, caplog: p
         await assert_rejected(lab, lab.announce(server), caplog, "signature")
 
 
-async def test_certificate_from_an_untrusted_vendor_is_rejected(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+async def test_certificate_from_an_untrusted_vendor_is_rejected(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
     stranger = Ed25519PrivateKey.generate()
     att = make_sim_attestation(stranger, vendor=VENDOR, model="T-microinverter", serial="INV-U")
     _, server = await lab.module(DeviceKind.MICROINVERTER, "INV-U", attestation=att)
@@ -221,13 +241,17 @@ async def test_replayed_nonce_response_is_rejected(lab: Lab, caplog: pytest.LogC
             return recorded
 
     _, server = await lab.module(
-        DeviceKind.MICROINVERTER, "INV-R", attestation=Replayer(Ed25519PrivateKey.generate(), genuine.certificate)
+        DeviceKind.MICROINVERTER,
+        "INV-R",
+        attestation=Replayer(Ed25519PrivateKey.generate(), genuine.certificate),
     )
     with caplog.at_level(logging.WARNING):
         await assert_rejected(lab, lab.announce(server), caplog, "signature")
 
 
-async def test_serial_not_matching_the_certificate_is_rejected(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+async def test_serial_not_matching_the_certificate_is_rejected(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
     # The module's certificate is genuine, but for another serial than the one it reports.
     att = make_sim_attestation(lab.vendor_key, vendor=VENDOR, model="T-microinverter", serial="OTHER-1")
     _, server = await lab.module(DeviceKind.MICROINVERTER, "INV-S", attestation=att)
@@ -235,7 +259,9 @@ async def test_serial_not_matching_the_certificate_is_rejected(lab: Lab, caplog:
         await assert_rejected(lab, lab.announce(server), caplog, "OTHER-1")
 
 
-async def test_announcement_claiming_another_serial_is_rejected(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+async def test_announcement_claiming_another_serial_is_rejected(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
     _, server = await lab.module(DeviceKind.MICROINVERTER, "INV-C")
     with caplog.at_level(logging.WARNING):
         await assert_rejected(lab, lab.announce(server, serial="SOMEONE-ELSE"), caplog, "announced as")
@@ -261,7 +287,9 @@ async def test_flood_of_fake_announcements_changes_nothing(lab: Lab) -> None:
                 model="F",
                 serial=f"F{n:05d}",
                 protocol="ores-http",
-                address=Address("http", "127.0.0.1", 9, "/ores/v1"),  # nothing listens: every probe fails fast
+                address=Address(
+                    "http", "127.0.0.1", 9, "/ores/v1"
+                ),  # nothing listens: every probe fails fast
             )
         )
     assert time.monotonic() - started < 5  # handing 1,000 sightings over is cheap (no I/O on the loop)
@@ -272,8 +300,11 @@ async def test_flood_of_fake_announcements_changes_nothing(lab: Lab) -> None:
     assert len(ob.candidates) <= MAX_CANDIDATES
     body = await discovery(hub)
     assert any("too many" in r["reason"] for r in body["rejected"])
-    await until(lambda: all(c.status is not CandidateStatus.PENDING for c in ob.candidates.values()), timeout=60,
-                what="accepted fakes examined")
+    await until(
+        lambda: all(c.status is not CandidateStatus.PENDING for c in ob.candidates.values()),
+        timeout=60,
+        what="accepted fakes examined",
+    )
     assert hub.ctx.registry.all() == before
 
 
@@ -312,7 +343,9 @@ async def test_impostor_claiming_a_registered_identity_is_refused_with_an_alert(
     _, impostor = await lab.module(DeviceKind.ENERGYSTORAGE, "BAT-I", attestation=None)
     with caplog.at_level(logging.WARNING):
         lab.announce(impostor)
-        await until(lambda: any("cannot prove" in r.reason for r in hub.ctx.onboarding.rejections), what="refused")
+        await until(
+            lambda: any("cannot prove" in r.reason for r in hub.ctx.onboarding.rejections), what="refused"
+        )
     assert hub.ctx.registry.get(s.claimed_id).address == address_before  # type: ignore[union-attr]
     _, alerts = await hub.request("GET", "/app/notify", params={"active_only": "true"})
     assert any(a["kind"] == "identity_mismatch" for a in alerts["alerts"])

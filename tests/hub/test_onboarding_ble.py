@@ -33,7 +33,9 @@ def radio() -> Iterator[dict[str, FakeGattModule]]:
 
     class RadioDriver(BleGattDriver):
         def __init__(self, address: Address, *, timeout: float = 5.0, **kw: Any) -> None:
-            super().__init__(address, timeout=timeout, client_factory=in_range[address.host].client_factory, **kw)
+            super().__init__(
+                address, timeout=timeout, client_factory=in_range[address.host].client_factory, **kw
+            )
 
     previous = replace_driver(RadioDriver)
     try:
@@ -52,7 +54,11 @@ async def test_ble_only_module_is_discovered_authenticated_and_polled(
         "POST", "/hub/trust", json_body={"vendor": VENDOR, "public_key": base64.b64encode(raw).decode()}
     )
     assert status == 201
-    info = DeviceInfo(DeviceKind.SMARTPLUG, Identity(VENDOR, "BLE-PLUG", "BP0001", "1.0.0"), Capabilities(rated_power_w=1000))
+    info = DeviceInfo(
+        DeviceKind.SMARTPLUG,
+        Identity(VENDOR, "BLE-PLUG", "BP0001", "1.0.0"),
+        Capabilities(rated_power_w=1000),
+    )
     module = StaticModule(info, Telemetry(ts=0.0, power_w=-42.0, on=True))
     fake = FakeGattModule(
         module, attestation=make_sim_attestation(vendor_key, vendor=VENDOR, model="BLE-PLUG", serial="BP0001")
@@ -72,6 +78,8 @@ async def test_ble_only_module_is_discovered_authenticated_and_polled(
     live = hub.ctx.state.devices[info.device_id]
     await until(lambda: live.online and live.telemetry is not None, what="polled over GATT")
     assert live.telemetry is not None and live.telemetry.power_w == -42.0
-    status, res = await hub.request("POST", "/smartplug/control", json_body={"device_id": info.device_id, "on": False})
+    status, res = await hub.request(
+        "POST", "/smartplug/control", json_body={"device_id": info.device_id, "on": False}
+    )
     assert status == 200, res
     assert module.sample.on is False

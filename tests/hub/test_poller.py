@@ -30,7 +30,11 @@ from tests.hub.test_api import register, until
     ],
 )
 async def test_malformed_modbus_replies_make_the_module_offline_with_a_reason(
-    hub: Hub, raw: StartRaw, caplog: pytest.LogCaptureFixture, fault: str, reason: str  # noqa: F811
+    hub: Hub,
+    raw: StartRaw,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    reason: str,  # noqa: F811
 ) -> None:
     pristine = sunspec_map(COMMON, model_regs(103, **INVERTER_103))
     device = RawDevice(list(pristine))
@@ -58,14 +62,16 @@ async def test_malformed_modbus_replies_make_the_module_offline_with_a_reason(
         await until(lambda: not live.online, what="offline")
     live_error = live.stats.last_error
     assert live_error is not None
-    assert any(record.levelno >= logging.INFO and "failed" in record.getMessage() for record in caplog.records)
+    assert any(
+        record.levelno >= logging.INFO and "failed" in record.getMessage() for record in caplog.records
+    )
 
     # The hub keeps serving, and the reason is visible to the user.
     status, links = await hub.request("GET", "/device/diagnostics/remote", params={"device_id": device_id})
     assert status == 200
     assert links["links"][0]["online"] is False
     assert links["links"][0]["last_error"]
-    status, monitor = await hub.request("GET", "/app/monitor")
+    status, _monitor = await hub.request("GET", "/app/monitor")
     assert status == 200
 
     assert reason in live_error
