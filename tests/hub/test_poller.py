@@ -31,10 +31,10 @@ from tests.hub.test_api import register, until
 )
 async def test_malformed_modbus_replies_make_the_module_offline_with_a_reason(
     hub: Hub,
-    raw: StartRaw,
+    raw: StartRaw,  # noqa: F811 (the fixture imported above)
     caplog: pytest.LogCaptureFixture,
     fault: str,
-    reason: str,  # noqa: F811
+    reason: str,
 ) -> None:
     pristine = sunspec_map(COMMON, model_regs(103, **INVERTER_103))
     device = RawDevice(list(pristine))
