@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, required=True, help="private key file to create (PEM, 0600)")
     keygen.add_argument("--force", action="store_true", help="replace an existing file")
     keygen.add_argument(
+        "--demo-vendor",
+        metavar="VENDOR",
+        help="write the PUBLIC, INSECURE demo key of this simulated vendor instead of a new key (for the "
+        "demo only: `ores-hub --demo` trusts it; never use it for real firmware)",
+    )
+    keygen.add_argument(
         "--password-env",
         metavar="VAR",
         help="encrypt the key with the passphrase in this environment variable",
@@ -109,7 +115,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    key = Ed25519PrivateKey.generate()
+    if args.demo_vendor:
+        from devices.attest import demo_vendor_key
+
+        key = demo_vendor_key(args.demo_vendor)
+        print(
+            f"WARNING: the demo key of {args.demo_vendor!r} is public; anyone can sign with it",
+            file=sys.stderr,
+        )
+    else:
+        key = Ed25519PrivateKey.generate()
     password = _password(args.password_env)
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()

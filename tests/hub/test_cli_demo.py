@@ -7,6 +7,7 @@ and the paired token still valid.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -183,3 +185,64 @@ def test_sigkill_during_registration_loses_no_acknowledged_module(
         assert err.code == 401
     else:
         raise AssertionError("a wrong token was accepted")
+
+
+def test_demo_pushes_a_signed_update_end_to_end(tmp_path: Path, procs: list[HubProcess]) -> None:
+    """The vendor tool signs an image with a demo vendor's key; the API uploads it and rolls it out to the
+    simulated ORES-HTTP microinverter, which verifies it, reboots into it and stays healthy."""
+    hub = HubProcess(tmp_path / "fw", "--demo")
+    procs.append(hub)
+    code = hub.expect(r"Pairing code: (\d{4}-\d{4})").group(1)
+    for _ in range(DEMO_MODULES):
+        hub.expect(r"registered\s+\w+")
+    token = hub.call("/auth/pair", body={"code": code, "name": "installer"}, method="POST")["token"]
+    target = next(
+        d
+        for d in hub.call("/device/register", token)["devices"]
+        if d["protocol"] == "ores-http" and d["kind"] == "microinverter"
+    )
+    ident = target["identity"]
+    key, image = tmp_path / "vendor.pem", tmp_path / "fw.bin"
+    image.write_bytes(os.urandom(300_000))
+    tool = [sys.executable, "-m", "firmware.tool"]
+    subprocess.run(
+        [*tool, "keygen", "--demo-vendor", ident["vendor"], "--out", str(key)],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*tool, "sign", "--key", str(key), "--image", str(image), "--vendor", ident["vendor"],
+         "--model", ident["model"], "--version", "9.0.0", "--out", str(tmp_path / "fw.manifest.json")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    async def upload_and_roll_out() -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            form = aiohttp.FormData()
+            form.add_field("manifest", (tmp_path / "fw.manifest.json").read_bytes(), filename="m.json")
+            form.add_field("signature", (tmp_path / "fw.manifest.json.sig").read_bytes(), filename="m.sig")
+            form.add_field(
+                "image", image.read_bytes(), filename="fw.bin", content_type="application/octet-stream"
+            )
+            async with session.post(hub.base + "/device/firmware/update", data=form) as resp:
+                stored = await resp.json()
+                assert resp.status == 201, stored
+            body = {"sha256": stored["sha256"], "device_ids": [target["device_id"]], "health_window_s": 2}
+            async with session.post(hub.base + "/device/firmware/update/rollouts", json=body) as resp:
+                rollout = await resp.json()
+                assert resp.status == 202, rollout
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                url = f"{hub.base}/device/firmware/update/rollouts/{rollout['rollout_id']}"
+                async with session.get(url) as resp:
+                    state = await resp.json()
+                if all(m["status"] in ("healthy", "failed", "rolled_back") for m in state["modules"]):
+                    return dict(state)
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"rollout did not finish: {state}")
+
+    state = asyncio.run(upload_and_roll_out())
+    assert [m["status"] for m in state["modules"]] == ["healthy"], state
+    after = hub.call(f"/microinverter/status?device_id={target['device_id']}", token)["devices"][0]
+    assert after["identity"]["firmware_version"] == "9.0.0"
