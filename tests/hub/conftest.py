@@ -18,6 +18,7 @@ from devices.sim.ores_http_server import start_ores_http_server
 from hub.app import build_app
 from hub.config import HubConfig
 from hub.context import HubContext, hub_key
+from tests.serving import serving
 
 FAST_SETTINGS = {"hub": {"poll_interval_s": 0.2, "timeout_s": 1.0, "offline_after": 2, "cyclic_write_s": 1.0}}
 
@@ -129,13 +130,5 @@ ModuleFactory = Callable[..., Awaitable[SimServer]]
 @pytest.fixture
 async def ores_module() -> AsyncIterator[ModuleFactory]:
     """Start ORES-HTTP simulated modules; all are stopped at the end."""
-    servers: list[SimServer] = []
-
-    async def start(module: StaticModule, port: int = 0) -> SimServer:
-        server = await start_ores_http_server(module, port=port)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
+    async for start in serving(start_ores_http_server):
+        yield start

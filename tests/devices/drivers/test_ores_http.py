@@ -70,6 +70,7 @@ from devices.sim.firmware import SimFirmware
 from devices.sim.ores_http_server import OresHttpSimServer, start_ores_http_server
 from hub.trust import TrustStore
 from tests.devices.sim.test_firmware import ManualClock, Signer, image_of
+from tests.serving import serving
 
 LOGGER_NAME = "devices.drivers.ores_http"
 
@@ -149,16 +150,8 @@ DriverFn = Callable[..., OresHttpDriver]
 
 @pytest.fixture
 async def serve() -> AsyncIterator[ServeFn]:
-    servers: list[OresHttpSimServer] = []
-
-    async def start(module: StaticModule, **kwargs: object) -> OresHttpSimServer:
-        server = await start_ores_http_server(module, **kwargs)  # type: ignore[arg-type]
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
+    async for start in serving(start_ores_http_server):
+        yield start
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from devices.model import (
 )
 from devices.sim.base import StaticModule
 from devices.sim.sunspec_server import SunSpecSimServer, start_sunspec_server
+from tests.serving import serving
 
 LOGGER = "devices.drivers.sunspec"
 PROFILES = ["legacy", "der"]
@@ -102,16 +103,8 @@ StartSim = Callable[..., Awaitable[SunSpecSimServer]]
 
 @pytest.fixture
 async def sim() -> AsyncIterator[StartSim]:
-    servers: list[SunSpecSimServer] = []
-
-    async def _start(module: StaticModule, **kwargs: Any) -> SunSpecSimServer:
-        server = await start_sunspec_server(module, **kwargs)
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        await server.stop()
+    async for start in serving(start_sunspec_server):
+        yield start
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from devices.sim.base import SimServer, StaticModule
 from devices.sim.firmware import SimFirmware
 from devices.sim.ores_http_server import OresHttpSimServer, ReportsFaults, start_ores_http_server
 from tests.devices.sim.test_firmware import ManualClock, Signer, image_of
+from tests.serving import serving
 
 INVERTER = DeviceInfo(
     DeviceKind.MICROINVERTER,
@@ -60,16 +61,8 @@ Serve = Callable[..., Awaitable[OresHttpSimServer]]
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    servers: list[OresHttpSimServer] = []
-
-    async def start(module: StaticModule, **kwargs: Any) -> OresHttpSimServer:
-        server = await start_ores_http_server(module, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
+    async for start in serving(start_ores_http_server):
+        yield start
 
 
 @pytest.fixture

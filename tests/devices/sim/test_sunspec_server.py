@@ -26,6 +26,7 @@ from devices.model import (
 from devices.sim.base import SimServer, StaticModule
 from devices.sim.sunspec_server import SunSpecSimServer, start_sunspec_server
 from devices.sunspec_map import model_layout
+from tests.serving import serving
 
 INVERTER = StaticModule(
     DeviceInfo(
@@ -107,16 +108,8 @@ Start = Callable[..., Awaitable[SunSpecSimServer]]
 
 @pytest.fixture
 async def start() -> AsyncIterator[Start]:
-    servers: list[SunSpecSimServer] = []
-
-    async def _start(module: StaticModule, **kwargs: Any) -> SunSpecSimServer:
-        server = await start_sunspec_server(module, **kwargs)
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        await server.stop()
+    async for start_ in serving(start_sunspec_server):
+        yield start_
 
 
 @pytest.fixture
