@@ -15,79 +15,29 @@ import sunspec2.modbus.client as ss_client
 from pymodbus.client import AsyncModbusTcpClient
 
 from devices.model import (
-    Capabilities,
     DeviceInfo,
     DeviceKind,
     Identity,
     OperatingState,
     Setpoint,
-    Telemetry,
 )
 from devices.sim.base import SimServer, StaticModule
 from devices.sim.sunspec_server import SunSpecSimServer, start_sunspec_server
 from devices.sunspec_map import model_layout
+from tests.devices.drivers.test_sunspec import (
+    BATTERY_INFO,
+    BATTERY_SAMPLE,
+    INVERTER_INFO,
+    INVERTER_SAMPLE,
+    METER_INFO,
+    METER_SAMPLE,
+)
 from tests.serving import serving
 
-INVERTER = StaticModule(
-    DeviceInfo(
-        DeviceKind.MICROINVERTER,
-        Identity("Acme Solar", "MI-800", "INV-0001", "2.4.1"),
-        Capabilities(rated_power_w=800.0),
-    ),
-    Telemetry(
-        ts=0.0,
-        state=OperatingState.THROTTLED,
-        power_w=612.0,
-        energy_out_wh=123456.0,
-        voltage_v=231.4,
-        current_a=2.65,
-        frequency_hz=50.02,
-        temperature_c=41.5,
-    ),
-)
-BATTERY = StaticModule(
-    DeviceInfo(
-        DeviceKind.ENERGYSTORAGE,
-        Identity("Acme Storage", "B-10", "BAT-0001", "1.0.0"),
-        Capabilities(
-            rated_power_w=5000.0,
-            capacity_wh=10000.0,
-            max_charge_w=4000.0,
-            max_discharge_w=5000.0,
-            min_soc_pct=10.0,
-            max_soc_pct=95.0,
-        ),
-    ),
-    Telemetry(
-        ts=0.0,
-        power_w=-1500.0,  # charging
-        energy_out_wh=5000.0,
-        energy_in_wh=6000.0,
-        voltage_v=230.0,
-        current_a=6.52,
-        frequency_hz=49.98,
-        temperature_c=25.0,
-        soc_pct=55.5,
-        soh_pct=98.0,
-    ),
-)
-METER = StaticModule(
-    DeviceInfo(
-        DeviceKind.METER,
-        Identity("Acme Meters", "M-3", "MTR-0001", "0.9"),
-        Capabilities(controllable=False),
-    ),
-    Telemetry(
-        ts=0.0,
-        power_w=-2100.0,  # exporting
-        energy_out_wh=9876.0,
-        energy_in_wh=5432.0,
-        voltage_v=229.9,
-        current_a=9.13,
-        frequency_hz=50.0,
-        grid_ok=True,
-    ),
-)
+# The same modules the driver tests use; the simulated inverter here also reports that a limit throttles it.
+INVERTER = StaticModule(INVERTER_INFO, replace(INVERTER_SAMPLE, state=OperatingState.THROTTLED))
+BATTERY = StaticModule(BATTERY_INFO, BATTERY_SAMPLE)
+METER = StaticModule(METER_INFO, METER_SAMPLE)
 MODULES = {"inverter": INVERTER, "battery": BATTERY, "meter": METER}
 EXPECTED_MODELS = {
     ("legacy", "inverter"): [1, 120, 103, 123],
