@@ -2,9 +2,9 @@
 
 ``build_app`` opens the stores in the data directory (registry, tokens, settings, history), creates the live
 state, arbiter and link manager, and registers the API routes and the error middleware.  The background work
-(history writer, one poller per module, the alert evaluator, token last-use flushing) runs inside the app's
-``cleanup_ctx``, so it starts with the server and stops with it; push streams end when the event bus closes
-at shutdown.
+(history writer, one poller per module, the alert evaluator, token last-use flushing, discovery and the
+Matter bridge) runs inside the app's ``cleanup_ctx``, so it starts with the server and stops with it; push
+streams end when the event bus closes at shutdown.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from aiohttp import web
 
 from devices.drivers import load_builtin_drivers
 from hub.api import firmware_routes
+from hub.api import matter_routes as _matter_routes  # noqa: F401  (registers the /matter operations)
 from hub.api.errors import error_middleware
 from hub.api.routes import apply_hub_settings, router
 from hub.api.routing import MAX_BODY_BYTES
@@ -81,6 +82,7 @@ def build_app(config: HubConfig) -> web.Application:
         app.router.add_get("/", index)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_discovery)
+    app.cleanup_ctx.append(_matter)
     return app
 
 
@@ -126,6 +128,22 @@ async def _trust_demo_vendors(hub: HubContext) -> None:
     for vendor in (DEMO_VENDOR, *DEMO_VENDORS):
         await hub.trust.ensure(vendor, demo_vendor_key(vendor).public_key(), {"device", "firmware"})
     _LOGGER.warning("demo mode: trusting the PUBLIC demo vendor keys; never do this on a real installation")
+
+
+async def _matter(app: web.Application) -> AsyncIterator[None]:
+    """Run the Matter bridge (when ``config.matter.enabled``); a bridge that cannot run never stops the hub."""
+    hub = app[hub_key]
+    if not hub.config.matter.enabled:
+        yield
+        return
+    from matter_bridge.service import MatterService
+
+    hub.matter = MatterService(hub, hub.config.matter)
+    await hub.matter.start()
+    try:
+        yield
+    finally:
+        await hub.matter.stop()
 
 
 async def _discovery(app: web.Application) -> AsyncIterator[None]:

@@ -26,7 +26,7 @@ from devices.sim.base import SimServer
 from hub import __version__
 from hub.app import build_app
 from hub.auth import AuthError
-from hub.config import DEFAULT_DEVICE_NETWORKS, HubConfig
+from hub.config import DEFAULT_DEVICE_NETWORKS, TEST_PRODUCT_ID, TEST_VENDOR_ID, HubConfig, MatterConfig
 from hub.context import HubContext, hub_key
 from hub.register import register_module
 from hub.registry import RegistryError
@@ -47,6 +47,16 @@ def _network(text: str) -> str:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _id16(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
+    if not 1 <= value <= 0xFFFE:
+        raise argparse.ArgumentTypeError("must be 0x0001..0xFFFE")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="trust the PUBLIC demo vendor keys (implied by --demo; for tests and benchmarks only)",
     )
+    p.add_argument("--no-matter", action="store_true", help="don't run the Matter bridge")
+    p.add_argument("--matter-port", type=int, default=5540, help="Matter's UDP port (default 5540)")
+    p.add_argument(
+        "--matter-interface", default=None, metavar="IFACE", help="advertise Matter on this interface only"
+    )
+    p.add_argument(
+        "--matter-vendor-id",
+        type=_id16,
+        default=TEST_VENDOR_ID,
+        help="Matter vendor id (default 0xFFF1, the test vendor: fine at home, not for a certified product)",
+    )
+    p.add_argument(
+        "--matter-product-id", type=_id16, default=TEST_PRODUCT_ID, help="Matter product id (default 0x8000)"
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--version", action="version", version=f"ores-hub {__version__}")
     return p.parse_args(argv)
@@ -93,6 +117,13 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
         allow_local_names=not args.device_network,
         discovery=not args.no_discovery,
         trust_demo_vendor=args.demo or args.trust_demo_vendors,
+        matter=MatterConfig(
+            enabled=not args.no_matter,
+            port=args.matter_port,
+            interface=args.matter_interface,
+            vendor_id=args.matter_vendor_id,
+            product_id=args.matter_product_id,
+        ),
     )
     sims: list[SimServer] = []
     if args.demo:
@@ -121,6 +152,7 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
     )
     print(f"Data directory: {data_dir.resolve()}", flush=True)
     _print_pairing(hub, url)
+    _print_matter(hub)
     advertiser = await _advertise(hub, args.host, port)
     announcers: list[Any] = []
     sim_zeroconf: Any = None
@@ -151,6 +183,30 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
         await runner.cleanup()
         for sim in sims:
             await sim.stop()
+
+
+def _print_matter(hub: HubContext) -> None:
+    """The Matter bridge's state and, while its window is open, how to add the hub to a smart home app."""
+    service = hub.matter
+    if service is None:
+        return
+    status = service.status
+    if service.state != "running" or status is None:
+        print(f"Matter: {service.state}" + (f" ({service.reason})" if service.reason else ""), flush=True)
+        return
+    fabrics = len(status.fabrics)
+    print(
+        f"Matter bridge running: {len(service.devices())} modules bridged, {fabrics} controller(s)",
+        flush=True,
+    )
+    if status.window_open:
+        import segno
+
+        print(f"Matter: add the hub in your smart home app with code {status.manual_code}", flush=True)
+        with contextlib.suppress(OSError, UnicodeError):
+            segno.make(status.qr_payload, error="m").terminal(compact=True)
+    else:
+        print("Matter: to add a controller, open the window: POST /matter/window (installer)", flush=True)
 
 
 async def _advertise(hub: HubContext, host: str, port: int) -> Any:

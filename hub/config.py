@@ -36,6 +36,32 @@ DEFAULT_DEVICE_NETWORKS = (
 
 _HUB_ID = re.compile(r"hub-[0-9a-f]{16}")
 
+#: The Matter test vendor id and a product id from its test range: fine for development and for a hub you
+#: build yourself, not for a certified product (see docs/matter.md).
+TEST_VENDOR_ID = 0xFFF1
+TEST_PRODUCT_ID = 0x8000
+
+
+@dataclass(frozen=True, slots=True)
+class MatterConfig:
+    """How the hub runs its Matter bridge (``matter_bridge``).
+
+    launcher: argv prefix for the Node.js process (tests use ``ip netns exec NS``); node: the node binary.
+    interface: advertise on this network interface only (None: all).  initial_window_s: how long the
+    commissioning window stays open at the first start of a never-commissioned hub (0: never by itself).
+    """
+
+    enabled: bool = False
+    port: int = 5540
+    launcher: tuple[str, ...] = ()
+    node: str = "node"
+    interface: str | None = None
+    ipv4: bool = True
+    vendor_id: int = TEST_VENDOR_ID
+    product_id: int = TEST_PRODUCT_ID
+    initial_window_s: int = 900
+    log_level: str = "notice"
+
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
@@ -51,6 +77,8 @@ class HubConfig:
     discovery: bool = False
     #: Trust the public, insecure demo vendor key (only for ``--demo``).
     trust_demo_vendor: bool = False
+    #: The Matter bridge (off unless enabled: the command line turns it on).
+    matter: MatterConfig = MatterConfig()
 
 
 class HubSettings(BaseModel):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from hub.firmware_store import FirmwareStore
     from hub.onboarding import Onboarding
     from hub.rollout import RolloutManager
+    from matter_bridge.service import MatterService
 
 
 @dataclass(slots=True)
@@ -50,6 +51,8 @@ class HubContext:
     zeroconf: Any = None
     #: The last ``/app/monitor`` body and the versions it was built from (see ``hub.api.routes``).
     monitor_cache: tuple[tuple[object, ...], float, bytes] | None = None
+    #: The Matter bridge (``matter_bridge.service``) while it is enabled.
+    matter: MatterService | None = None
 
 
 hub_key: web.AppKey[HubContext] = web.AppKey("hub", HubContext)

@@ -122,7 +122,7 @@ class DeviceLink:
             await driver.close()
             msg = f"{self.record.address} now answers as {info.device_id}, not {self.device_id}"
             self.live.identity_mismatch = msg
-            self._state.changed()
+            self._state.changed(self.device_id)
             raise NotSupported(msg)
         self.live.identity_mismatch = None
         if self._on_identity is not None and (
@@ -130,7 +130,7 @@ class DeviceLink:
         ):
             self._on_identity(self.record, info)
         self._written = None  # a (re)connected module gets its command again
-        self._state.changed()
+        self._state.changed(self.device_id)
         return driver
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -193,7 +193,7 @@ class DeviceLink:
             self._state.set_online(self.device_id, False, reason)
             if self.live.telemetry is not None:
                 self.live.telemetry = self.live.telemetry.with_state(OperatingState.OFFLINE)
-                self._state.changed()
+                self._state.changed(self.device_id)
         elif stats.consecutive_failures == self.config.offline_after:
             # It never came online since the hub started: say so once.
             self._state.bus.publish("device.offline", device_id=self.device_id, reason=reason)
@@ -206,7 +206,7 @@ class DeviceLink:
         sample = replace(sample, ts=now)
         self.live.stats.ok(latency_ms, now)
         self.live.telemetry = sample
-        self._state.changed()
+        self._state.changed(self.device_id)
         if not self.live.online:
             _LOGGER.info("%s is online", self.device_id)
             self._state.set_online(self.device_id, True)
@@ -249,7 +249,7 @@ class DeviceLink:
                 raise
             self._written = cmd
             self._written_at = time.monotonic()
-            self._state.changed()
+            self._state.changed(self.device_id)
             self._state.bus.publish(
                 "control.applied",
                 device_id=self.device_id,

@@ -10,12 +10,15 @@ from the modules' telemetry using the sign convention of ``devices.model``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from devices.model import DeviceKind, OperatingState, Telemetry
+
+_LOGGER = logging.getLogger(__name__)
 
 EVENT_QUEUE_SIZE = 256
 
@@ -138,20 +141,39 @@ class LiveState:
         self.devices: dict[str, DeviceLive] = {}
         #: Bumped on every change (sample, online state, written command); lets the API cache its views.
         self.version = 0
+        self._watchers: list[Callable[[str], None]] = []
 
-    def changed(self) -> None:
+    def watch(self, fn: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``fn(device_id)`` on the loop, synchronously, whenever that module's live state changes (added,
+        removed, a sample, online or offline).  ``fn`` must be quick and must not raise.  Returns an unwatch."""
+        self._watchers.append(fn)
+        return lambda: self._watchers.remove(fn) if fn in self._watchers else None
+
+    def _notify(self, device_id: str) -> None:
+        for fn in tuple(self._watchers):
+            try:
+                fn(device_id)
+            except Exception:
+                _LOGGER.exception("live state watcher failed for %s", device_id)
+
+    def changed(self, device_id: str | None = None) -> None:
+        """Something changed (of ``device_id``, when given: its watchers are told)."""
         self.version += 1
+        if device_id is not None:
+            self._notify(device_id)
 
     def add(self, device_id: str, kind: DeviceKind) -> DeviceLive:
         live = self.devices.get(device_id)
         if live is None:
             live = self.devices[device_id] = DeviceLive(device_id, kind)
             self.version += 1
+            self._notify(device_id)
         return live
 
     def remove(self, device_id: str) -> None:
         self.devices.pop(device_id, None)
         self.version += 1
+        self._notify(device_id)
 
     def set_online(self, device_id: str, online: bool, reason: str | None = None) -> None:
         live = self.devices.get(device_id)
@@ -160,6 +182,7 @@ class LiveState:
         live.online = online
         self.version += 1
         live.online_since = time.time() if online else None
+        self._notify(device_id)
         self.bus.publish("device.online" if online else "device.offline", device_id=device_id, reason=reason)
 
 

@@ -1,6 +1,6 @@
-"""The hub's modules as Matter bridged devices.
+"""The hub's modules as Matter bridged devices: a supervised matter.js process driven over JSON lines.
 
-This package will own the mapping from ORES modules to Matter device types and the supervision of the
-matter.js child process that runs the Matter device stack.  It is filled by issue 5; the hub core only
-reserves the name.
+``protocol`` is the message layer of the channel, ``process`` runs and supervises the Node.js bridge,
+``mapping`` turns a module and its telemetry into Matter endpoint values, and ``service`` ties them to the hub
+(registry and telemetry in, On/Off commands out through the hub's control path).  See docs/matter.md.
 """
