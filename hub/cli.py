@@ -152,6 +152,9 @@ async def run(args: argparse.Namespace, *, ready: asyncio.Event | None = None) -
     )
     print(f"Data directory: {data_dir.resolve()}", flush=True)
     _print_pairing(hub, url)
+    if hub.matter is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hub.matter.started(), 90)
     _print_matter(hub)
     advertiser = await _advertise(hub, args.host, port)
     announcers: list[Any] = []

@@ -81,9 +81,10 @@ def endpoint_info(record: DeviceRecord, hub_id: str, *, reachable: bool) -> dict
 
 
 def _int(value: float | None, scale: float, limit: int) -> int | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return max(-limit, min(limit, round(value * scale)))
+    scaled = None if value is None else value * scale
+    if scaled is None or not math.isfinite(scaled):
+        return None if scaled is None or math.isnan(scaled) else (limit if scaled > 0 else -limit)
+    return max(-limit, min(limit, round(scaled)))
 
 
 def _energy(wh: float | None) -> dict[str, int] | None:

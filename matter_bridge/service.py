@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from devices.errors import DeviceError
 from devices.model import Setpoint
@@ -46,7 +46,11 @@ from matter_bridge.protocol import (
     Status,
     Window,
     add_op,
+    close_window_op,
+    open_window_op,
+    remove_fabric_op,
     remove_op,
+    status_op,
     update_op,
 )
 
@@ -112,6 +116,7 @@ class MatterService:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
         self._unwatch: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -165,14 +170,21 @@ class MatterService:
         )
         self._unwatch = self._hub.state.watch(self._changed)
         self._worker = asyncio.create_task(self._work(), name="matter-sync")
+        # The hub serves at once; the node comes up beside it (``started`` waits for it).
+        self._starting = asyncio.create_task(self._start_process(self.process), name="matter-start")
+
+    async def _start_process(self, process: MatterProcess) -> None:
         try:
-            await self.process.start()
+            await process.start()
         except MatterError as err:
             self._unavailable(str(err))
-            await self.stop()
-            self._state = "unavailable"
             return
         self._state = "running"
+
+    async def started(self) -> None:
+        """Wait until the first start of the bridge succeeded or failed (``state`` tells which)."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
 
     def _unavailable(self, why: str) -> None:
         self._state = "unavailable"
@@ -183,7 +195,7 @@ class MatterService:
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
-        tasks = [t for t in (self._worker, *self._tasks) if t is not None]
+        tasks = [t for t in (self._starting, self._worker, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -303,11 +315,11 @@ class MatterService:
     async def _reconcile(self, process: MatterProcess) -> None:
         wanted = self._wanted()
         for device_id in [d for d in self._endpoints if d not in wanted]:
-            ep = self._endpoints.pop(device_id)
-            self._by_endpoint_id.pop(ep.id, None)
+            gone = self._endpoints.pop(device_id)
+            self._by_endpoint_id.pop(gone.id, None)
             try:
-                await process.request(remove_op(ep.id))
-                _LOGGER.info("Matter: removed %s (endpoint %s)", device_id, ep.number)
+                await process.request(remove_op(gone.id))
+                _LOGGER.info("Matter: removed %s (endpoint %s)", device_id, gone.number)
             except BridgeCommandError as err:
                 _LOGGER.warning("Matter: removing %s failed: %s", device_id, err)
         for device_id, record in wanted.items():
@@ -338,7 +350,7 @@ class MatterService:
 
     async def _refresh_numbers(self, process: MatterProcess) -> None:
         with contextlib.suppress(MatterError):
-            result = await process.request({"op": "endpoints"})  # type: ignore[typeddict-item]
+            result = await process.request(cast("Op", {"op": "endpoints"}))
             for item in result.get("endpoints") or []:
                 if not isinstance(item, dict):
                     continue
@@ -443,17 +455,17 @@ class MatterService:
         return self.process
 
     async def open_window(self, timeout_s: int) -> None:
-        await self._running().request({"op": "open_window", "timeout_s": timeout_s})
+        await self._running().request(open_window_op(timeout_s))
 
     async def close_window(self) -> None:
-        await self._running().request({"op": "close_window"})
+        await self._running().request(close_window_op())
 
     async def remove_fabric(self, fabric_index: int) -> None:
-        await self._running().request({"op": "remove_fabric", "fabricIndex": fabric_index})
+        await self._running().request(remove_fabric_op(fabric_index))
 
     async def refresh_status(self) -> None:
         with contextlib.suppress(MatterError):
-            await self._running().request({"op": "status"})
+            await self._running().request(status_op())
 
     def devices(self) -> list[tuple[str, str, int | None, str]]:
         """(device id, endpoint id, endpoint number, kind) of every bridged module."""

@@ -13,7 +13,6 @@ import io
 from typing import Any, Final, Literal
 
 from aiohttp import web
-from matter_bridge.protocol import BridgeCommandError, BridgeUnavailable, MatterError
 from pydantic import BaseModel, Field
 
 from hub.api.errors import ApiError
@@ -21,6 +20,7 @@ from hub.api.routes import ctx, router
 from hub.api.routing import Call, Empty
 from hub.auth import Role, role_allows
 from hub.context import HubContext
+from matter_bridge.protocol import BridgeCommandError, BridgeUnavailable, MatterError
 
 __all__ = ["matter_out"]
 

@@ -102,7 +102,7 @@ def test_values_always_fit_what_the_bridge_declares(
     v = mapping.endpoint_values(kind, Telemetry(ts=1, power_w=power, soc_pct=soc), online=True)
     ap = v["electricalPowerMeasurement"]["activePower"]
     assert ap is None or (isinstance(ap, int) and abs(ap) <= mapping.MAX_MW)
-    assert ap is not None or not math.isfinite(power)
+    assert (ap is None) == math.isnan(power)
     if kind is DeviceKind.ENERGYSTORAGE:
         pct = v["powerSource"]["batPercentRemaining"]
         assert pct is None or 0 <= pct <= 200

@@ -10,12 +10,12 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psutil
 import pytest
 
-from matter_bridge.process import JS_DIR, BridgeOptions, MatterProcess, bridge_installed
+from matter_bridge.process import JS_DIR, BridgeOptions, MatterProcess, State, bridge_installed
 from matter_bridge.protocol import (
     MAX_LINE_BYTES,
     BridgeCommandError,
@@ -31,6 +31,7 @@ from matter_bridge.protocol import (
     Ready,
     Result,
     StartOp,
+    Status,
     Stopped,
     Window,
     add_op,
@@ -46,7 +47,8 @@ DEADLINE_S = 30.0
 E = TypeVar("E", bound=BridgeEvent)
 
 pytestmark = pytest.mark.skipif(
-    not Path(NODE).exists() or bridge_installed() is not None, reason=f"needs {NODE} and the bridge's node_modules"
+    not Path(NODE).exists() or bridge_installed() is not None,
+    reason=f"needs {NODE} and the bridge's node_modules",
 )
 
 
@@ -59,12 +61,13 @@ def free_udp_port() -> int:
 
 
 def children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+    found: list[psutil.Process] = psutil.Process().children(recursive=True)
+    return found
 
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -72,8 +75,18 @@ def gone(pid: int) -> bool:
 async def until(condition: Callable[[], bool], timeout: float = DEADLINE_S) -> None:
     """Poll a condition that no event announces, with a deadline."""
     async with asyncio.timeout(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - process state changes are announced by no event
             await asyncio.sleep(0.01)
+
+
+def state(process: MatterProcess) -> State:
+    """The state now (a plain read, so mypy does not keep an earlier narrowing across awaits)."""
+    return process.state
+
+
+def status_of(process: MatterProcess) -> Status:
+    assert process.status is not None
+    return process.status
 
 
 class Events:
@@ -163,7 +176,9 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
 def test_options_are_key_value_words(tmp_path: Path) -> None:
     argv = BridgeOptions(storage_dir=tmp_path, port=5541, ipv4=False, interface="veth-a").argv()
     assert f"storage={tmp_path}" in argv
-    assert {"port=5541", "ipv4=0", "interface=veth-a", "vendor-id=65521", "product-name=ORES Hub"} <= set(argv)
+    assert {"port=5541", "ipv4=0", "interface=veth-a", "vendor-id=65521", "product-name=ORES Hub"} <= set(
+        argv
+    )
     assert all("=" in word and not word.startswith("-") for word in argv)
     assert not any(w.startswith("interface=") for w in BridgeOptions(storage_dir=tmp_path).argv())
 
@@ -182,7 +197,7 @@ def test_bridge_installed_says_why_not(tmp_path: Path) -> None:
 
 async def test_start_fails_clearly_without_node_or_js(make: Make, tmp_path: Path) -> None:
     process, _, modules = make(node=str(tmp_path / "no-node"))
-    with pytest.raises(MatterError, match="no-node.*not found"):
+    with pytest.raises(MatterError, match=r"no-node.*not found"):
         await process.start()
     assert process.state == "failed" and process.pid is None and modules.calls == 0
 
@@ -192,7 +207,7 @@ async def test_start_fails_clearly_without_node_or_js(make: Make, tmp_path: Path
     assert process.state == "failed"
 
     process, _, _ = make(js_dir=tmp_path / "js")
-    with pytest.raises(MatterError, match="bridge.mjs"):
+    with pytest.raises(MatterError, match=r"bridge\.mjs"):
         await process.start()
     assert process.state == "failed"
     await process.stop()  # nothing to stop: fine
@@ -216,9 +231,7 @@ async def test_no_ready_in_time_kills_the_child(make: Make) -> None:
     assert not children()
 
 
-async def test_start_requests_bad_input_and_clean_stop(
-    make: Make, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_start_requests_bad_input_and_clean_stop(make: Make, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="matter_bridge")
     process, events, modules = make()
     await process.start()
@@ -303,7 +316,9 @@ async def test_crash_restarts_and_replays_current_state(make: Make) -> None:
     assert len(events.of(Hello)) == 2 and events.of(Hello)[1].pid == process.pid
     assert modules.calls == 2
     assert events.endpoints(since=1) == {**first, "meter-1": 4}  # same numbers for the same ids
-    assert await process.request(update_op("meter-1", {"electricalPowerMeasurement": {"activePower": 5}})) == {}
+    assert (
+        await process.request(update_op("meter-1", {"electricalPowerMeasurement": {"activePower": 5}})) == {}
+    )
 
     await process.stop()
     assert isinstance(events.seen[-1], Stopped) and process.last_exit == "exit code 0"
@@ -334,7 +349,7 @@ async def test_stop_during_start(make: Make) -> None:
     await process.stop()
     with pytest.raises(MatterError, match="stopped before it was ready"):
         await starting
-    assert process.state == "stopped" and process.pid is None
+    assert state(process) == "stopped" and process.pid is None
     assert gone(pid) and not children()
     assert not events.of(Ready)
 
@@ -389,9 +404,16 @@ def fake(mode: str) -> tuple[str, ...]:
 async def test_stop_escalates_to_sigterm(make: Make, fake_js: Path) -> None:
     process, events, _ = make(js_dir=fake_js, launcher=fake("plain"), stop_timeout_s=0.1)
     await process.start()
+    with pytest.raises(MatterError, match="already running"):
+        await process.start()
     await process.stop()  # the stand-in ignores the closed stdin; SIGTERM ends it
     assert process.last_exit == "killed by SIGTERM" and process.state == "stopped"
     assert not events.of(Stopped) and not children()
+    # A stopped process can be started again.
+    await process.start()
+    assert state(process) == "running" and len(events.of(Hello)) == 2 and process.restarts == 0
+    await process.stop()
+    assert not children()
 
 
 async def test_stop_escalates_to_sigkill(make: Make, fake_js: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -420,10 +442,10 @@ async def test_status_follows_fabric_changes(make: Make, fake_js: Path) -> None:
     process, events, _ = make(js_dir=fake_js, launcher=fake("plain"), stop_timeout_s=0.1)
     await process.start()
     assert process.status is not None and process.status.fabrics == ()
-    assert process.send({"op": "fake_commission"})  # type: ignore[typeddict-item]
+    assert process.send(cast(Op, {"op": "fake_commission"}))
     await events.wait_for(lambda: bool(events.of(FabricsChanged)))
     assert process.status.commissioned  # from the commissioned event
     # The fabric list comes from a status request the process makes by itself.
     await until(lambda: process.status is not None and len(process.status.fabrics) == 1)
-    assert process.status.fabrics[0] == Fabric(1, "7", "9", 65521, "HA")
+    assert status_of(process).fabrics == (Fabric(1, "7", "9", 65521, "HA"),)
     await process.stop()

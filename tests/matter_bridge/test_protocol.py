@@ -106,14 +106,17 @@ def test_parse_every_event() -> None:
         Status("34970112332", "MT:Y.K90AFN00KA0648G00", True, False, (Fabric(1, "1", "18", 65521, "HA"),))
     )
     assert parse_event(line(event="window", state="open", timeout_s=180)) == Window(True, 180, None)
-    assert parse_event(line(event="window", state="closed", reason="timeout")) == Window(False, None, "timeout")
+    assert parse_event(line(event="window", state="closed", reason="timeout")) == Window(
+        False, None, "timeout"
+    )
     assert parse_event(line(event="commissioned")) == Commissioned()
     assert parse_event(line(event="decommissioned")) == Decommissioned()
     assert parse_event(line(event="fabrics", fabricIndex=2, action="deleted")) == FabricsChanged(2, "deleted")
     assert parse_event(line(event="command", id="p", cluster="onOff", command="on")) == Command(
         "p", "onOff", "on", None
     )
-    assert parse_event(line(event="command", id="p", cluster="onOff", command="off", via="toggle")).via == "toggle"
+    toggled = parse_event(line(event="command", id="p", cluster="onOff", command="off", via="toggle"))
+    assert toggled == Command("p", "onOff", "off", "toggle")
     assert parse_event(line(event="subscriptions", count=1)) == Subscriptions(1)
     assert parse_event(line(event="warning", reason="closing window")) == BridgeWarning("closing window")
     assert parse_event(line(event="stopped")) == Stopped()
@@ -137,7 +140,10 @@ def test_unknown_events_and_values_are_tolerated() -> None:
         (b'"hello"\n', "not a JSON object but str"),
         (line(pid=1), "event must be a string, got nothing"),
         (line(event=3), "event must be a string, got 3"),
-        (line(event="hello", pid="12", protocol=1, matterjs="x"), 'bad hello event: pid must be an integer, got "12"'),
+        (
+            line(event="hello", pid="12", protocol=1, matterjs="x"),
+            'bad hello event: pid must be an integer, got "12"',
+        ),
         (line(event="hello", pid=True, protocol=1, matterjs="x"), "pid must be an integer, got true"),
         (line(event="hello", pid=1, protocol=1), "matterjs must be a string, got nothing"),
         (line(event="result", seq="1", op="add"), "seq must be an integer"),
@@ -174,7 +180,9 @@ def test_over_long_line_is_refused() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 EVENTS = [

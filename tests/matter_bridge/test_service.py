@@ -61,6 +61,8 @@ class MatterHub:
         await self._server.start_server()
         self._session = aiohttp.ClientSession()
         hub = Hub(self._server, self._session, app)
+        if hub.ctx.matter is not None:
+            await hub.ctx.matter.started()
         if hub.ctx.auth.pairing_code is not None:
             hub.token = (await hub.pair(hub.ctx.auth.pairing_code, "installer"))["token"]
         elif self.hub is not None:

@@ -469,12 +469,13 @@ class ControllerClient:
         )
 
     async def wait_quiet(self, quiet_s: float, timeout_s: float) -> None:
-        """Wait until no ``attribute_updated`` arrived for ``quiet_s`` seconds.  The controller asks for
-        reports at most once a second (its MinIntervalFloor), so a change made after a quiet second is
-        reported at once: this is how a latency sample is made "isolated"."""
+        """Wait until no event (report, node update) arrived for ``quiet_s`` seconds.  The controller asks
+        for reports at most once a second (its MinIntervalFloor), so a change made after a quiet second is
+        reported at once: this is how a latency sample is made "isolated".  (A change still waiting for its
+        report cannot be seen from here: wait for that report first.)"""
         deadline = time.monotonic() + timeout_s
         while True:
-            last = next((e.t for e in reversed(self.events) if e.name == "attribute_updated"), 0.0)
+            last = self.events[-1].t if self.events else 0.0
             now = time.monotonic()
             if now - last >= quiet_s:
                 return

@@ -164,9 +164,13 @@ async def report_latency(
 
 
 async def switch(client: ControllerClient, node_id: int, plug: Bridged, on: bool) -> None:
-    """Command the plug through Matter and wait until the simulated module itself switched."""
-    await client.device_command(node_id, plug.endpoint, ON_OFF, "On" if on else "Off")
-    await until(lambda: plug.module.sample.on is on, WAIT_S, f"the plug switched {'on' if on else 'off'}")
+    """Command the plug through Matter; wait until the simulated module itself switched and the
+    controller got the report of the new OnOff value."""
+    word = "on" if on else "off"
+    await client.device_command(node_id, plug.endpoint, ON_OFF, word.capitalize())
+    await until(lambda: plug.module.sample.on is on, WAIT_S, f"the plug switched {word}")
+    path = f"{plug.endpoint}/{ON_OFF}/0"
+    await client.wait_until(lambda: client.attribute(node_id, path) is on, WAIT_S, f"OnOff {word} reported")
 
 
 # ------------------------------------------------------------------------------------------ the scenario
