@@ -113,7 +113,23 @@ class StopOp(TypedDict):
     seq: NotRequired[int]
 
 
-Op = AddOp | UpdateOp | RemoveOp | StartOp | OpenWindowOp | CloseWindowOp | StatusOp | RemoveFabricOp | StopOp
+class EndpointsOp(TypedDict):
+    op: Literal["endpoints"]
+    seq: NotRequired[int]
+
+
+Op = (
+    AddOp
+    | UpdateOp
+    | RemoveOp
+    | StartOp
+    | OpenWindowOp
+    | CloseWindowOp
+    | StatusOp
+    | RemoveFabricOp
+    | StopOp
+    | EndpointsOp
+)
 
 # Ops whose result is a status object.
 STATUS_OPS = frozenset({"start", "open_window", "close_window", "status", "remove_fabric"})
@@ -152,6 +168,10 @@ def status_op() -> StatusOp:
 
 def remove_fabric_op(fabric_index: int) -> RemoveFabricOp:
     return {"op": "remove_fabric", "fabricIndex": fabric_index}
+
+
+def endpoints_op() -> EndpointsOp:
+    return {"op": "endpoints"}
 
 
 def stop_op() -> StopOp:

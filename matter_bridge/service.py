@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 from devices.errors import DeviceError
 from devices.model import Setpoint
@@ -36,7 +36,6 @@ from matter_bridge.protocol import (
     BridgeUnavailable,
     BridgeWarning,
     Command,
-    ErrorReply,
     FabricsChanged,
     MatterError,
     Op,
@@ -47,6 +46,7 @@ from matter_bridge.protocol import (
     Window,
     add_op,
     close_window_op,
+    endpoints_op,
     open_window_op,
     remove_fabric_op,
     remove_op,
@@ -350,7 +350,7 @@ class MatterService:
 
     async def _refresh_numbers(self, process: MatterProcess) -> None:
         with contextlib.suppress(MatterError):
-            result = await process.request(cast("Op", {"op": "endpoints"}))
+            result = await process.request(endpoints_op())
             for item in result.get("endpoints") or []:
                 if not isinstance(item, dict):
                     continue
@@ -378,8 +378,6 @@ class MatterService:
             _LOGGER.info("Matter: fabric %s %s", event.fabric_index, event.action)
             self._mark_initial_window_done()
             self._hub.bus.publish("matter.fabrics", fabric_index=event.fabric_index, action=event.action)
-        elif isinstance(event, ErrorReply):
-            _LOGGER.warning("Matter bridge refused %s: %s", event.op, event.reason)
         elif isinstance(event, BridgeWarning):
             _LOGGER.warning("Matter bridge: %s", event.reason)
         elif isinstance(event, Result) and event.op == "add":

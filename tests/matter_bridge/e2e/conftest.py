@@ -22,7 +22,13 @@ from typing import NoReturn
 import pytest
 
 from tests.hub.conftest import ores_module  # noqa: F401  (the simulated-module fixture, shared)
-from tests.matter_bridge.e2e.controller import ControllerClient, MatterServer, e2e_unavailable, export_paa
+from tests.matter_bridge.e2e.controller import (
+    ControllerClient,
+    MatterServer,
+    e2e_unavailable,
+    start_lab,
+    stop_lab,
+)
 from tests.matter_bridge.e2e.netns import NetnsPair
 
 
@@ -40,33 +46,6 @@ class MatterLab:
     netns: NetnsPair
     work: Path
     servers: tuple[MatterServer, ...]
-
-
-def start_lab(work: Path, sock_dir: Path, controllers: int = 2) -> tuple[NetnsPair, list[MatterServer]]:
-    """Create the namespaces and start ``controllers`` servers (the caller stops them: see ``stop_lab``)."""
-    netns = NetnsPair.unique()
-    netns.up()
-    servers: list[MatterServer] = []
-    try:
-        export_paa(work / "paa")
-        for i in range(1, controllers + 1):
-            server = MatterServer(
-                netns, work / f"controller-{i}", sock_dir / f"c{i}.sock", port=5579 + i, fabric_id=i
-            )
-            servers.append(server)
-            server.start(work / "paa")
-        for server in servers:
-            server.wait_ready()
-    except BaseException:
-        stop_lab(netns, servers)
-        raise
-    return netns, servers
-
-
-def stop_lab(netns: NetnsPair, servers: list[MatterServer]) -> None:
-    for server in servers:
-        server.stop()
-    netns.down()
 
 
 @pytest.fixture(scope="module")

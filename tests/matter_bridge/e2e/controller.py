@@ -229,6 +229,36 @@ class MatterServer:
         return ControllerClient(self.socket_path)
 
 
+def start_lab(work: Path, sock_dir: Path, controllers: int = 2) -> tuple[NetnsPair, list[MatterServer]]:
+    """Create a fresh pair of namespaces and start ``controllers`` servers in B (fabric ids 1, 2, …; ports
+    5580, 5581, …; sockets in ``sock_dir``, which must be a short path), waiting until all answer.  The caller
+    stops them with ``stop_lab``; on failure nothing is left running."""
+    netns = NetnsPair.unique()
+    netns.up()
+    servers: list[MatterServer] = []
+    try:
+        export_paa(work / "paa")
+        for i in range(1, controllers + 1):
+            server = MatterServer(
+                netns, work / f"controller-{i}", sock_dir / f"c{i}.sock", port=5579 + i, fabric_id=i
+            )
+            servers.append(server)
+            server.start(work / "paa")
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        stop_lab(netns, servers)
+        raise
+    return netns, servers
+
+
+def stop_lab(netns: NetnsPair, servers: list[MatterServer]) -> None:
+    """Stop the servers and remove the namespaces with anything still running in them."""
+    for server in servers:
+        server.stop()
+    netns.down()
+
+
 # ------------------------------------------------------------------------------------------ the client
 
 
