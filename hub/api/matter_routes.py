@@ -140,50 +140,37 @@ async def matter_get(call: Call[Empty, None]) -> MatterOut:
     return matter_out(ctx(call), _shows_codes(call))
 
 
-def _qr_payload(hub: HubContext) -> str:
+def _qr_image(hub: HubContext, kind: str, content_type: str) -> web.Response:
+    """The Matter onboarding payload (``MT:...``) as a QR code image (409 while there is no payload)."""
+    import segno
+
     service = _service(hub)
     status = service.status
     if status is None or not status.qr_payload:
         raise ApiError(
             409, "matter_unavailable", f"the Matter bridge is {service.state}: no pairing code yet"
         )
-    return str(status.qr_payload)
-
-
-@router.route(
-    "GET",
-    "/matter/qr.svg",
-    summary="The pairing QR code (SVG)",
-    tag=TAG,
-    role=Role.HOMEOWNER,
-    stream="image/svg+xml",
-    errors=(409,),
-)
-async def matter_qr_svg(call: Call[Empty, None]) -> web.Response:
-    """The Matter onboarding payload (``MT:...``) as a QR code for a phone's camera."""
-    import segno
-
     buf = io.BytesIO()
-    segno.make(_qr_payload(ctx(call)), error="m").save(buf, kind="svg", scale=8, border=2)
-    return web.Response(body=buf.getvalue(), content_type="image/svg+xml")
+    segno.make(status.qr_payload, error="m").save(buf, kind=kind, scale=8, border=2)
+    return web.Response(body=buf.getvalue(), content_type=content_type)
 
 
 @router.route(
-    "GET",
-    "/matter/qr.png",
-    summary="The pairing QR code (PNG)",
-    tag=TAG,
-    role=Role.HOMEOWNER,
-    stream="image/png",
-    errors=(409,),
-)
+    "GET", "/matter/qr.svg", summary="The pairing QR code (SVG)", tag=TAG, role=Role.HOMEOWNER,
+    stream="image/svg+xml", errors=(409,),
+)  # fmt: skip
+async def matter_qr_svg(call: Call[Empty, None]) -> web.Response:
+    """The Matter pairing payload as a QR code for a phone's camera."""
+    return _qr_image(ctx(call), "svg", "image/svg+xml")
+
+
+@router.route(
+    "GET", "/matter/qr.png", summary="The pairing QR code (PNG)", tag=TAG, role=Role.HOMEOWNER,
+    stream="image/png", errors=(409,),
+)  # fmt: skip
 async def matter_qr_png(call: Call[Empty, None]) -> web.Response:
     """The same QR code as a PNG image."""
-    import segno
-
-    buf = io.BytesIO()
-    segno.make(_qr_payload(ctx(call)), error="m").save(buf, kind="png", scale=8, border=2)
-    return web.Response(body=buf.getvalue(), content_type="image/png")
+    return _qr_image(ctx(call), "png", "image/png")
 
 
 @router.route(
