@@ -2,8 +2,8 @@
 # Set up the Matter controller that the end-to-end test of the Matter bridge (tests/matter_bridge/e2e) and
 # bench/matter.py drive: python-matter-server (CHIP SDK) in its own virtualenv, .venv-matter at the repository
 # root, plus what the CHIP SDK needs from the system:
-#   * Debian's libnl-3-200 and libnl-route-3-200 (_ChipDeviceCtrl.so links them), installed with apt-get when
-#     missing and we are root; otherwise a message says what to install;
+#   * Debian's libnl-3-200 and libnl-route-3-200 (_ChipDeviceCtrl.so links them) and iproute2 (`ip netns`),
+#     installed with apt-get when missing and we are root; otherwise a message says what to install;
 #   * an empty /data directory (the CHIP SDK hard-codes /data/chip_*.ini; the tests bind a per-run directory
 #     over it in a private mount namespace, so /data itself stays empty), made when we are root.
 # Idempotent, and quick when everything is already in place: the venv is rebuilt only when the requirements
@@ -34,6 +34,8 @@ else  # not Debian: look for the shared objects themselves
         ldconfig -p 2>/dev/null | grep -q "$so" || missing+=("$so")
     done
 fi
+# iproute2 (`ip netns`) is not in minimal images; util-linux (`unshare`, `mount`) is essential on Debian.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -eq 0 ]; then
     :
 elif is_root && command -v apt-get >/dev/null 2>&1; then

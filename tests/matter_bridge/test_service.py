@@ -245,7 +245,13 @@ async def test_a_killed_bridge_is_restarted_and_the_hub_keeps_serving(
         return body["restarts"] >= 1 and body["state"] == "running" and body["pid"] != pid
 
     await until(restarted, timeout=30, what="bridge restarted")
-    assert await _bridged(hub, 1) == before
+    after = await _bridged(hub, 1)
+    # The same module on the same endpoint id.  (Its number is normally kept too, but matter.js stores a new
+    # endpoint's number lazily: a crash right after the add may renumber it; a controller then sees the
+    # endpoint removed and added, without re-commissioning.)
+    assert {d: (v["endpoint_id"], v["kind"]) for d, v in after.items()} == {
+        d: (v["endpoint_id"], v["kind"]) for d, v in before.items()
+    }
 
 
 async def test_without_node_the_hub_runs_and_says_why(data_dir: Path) -> None:

@@ -21,7 +21,6 @@ from typing import NoReturn
 
 import pytest
 
-from tests.hub.conftest import ores_module  # noqa: F401  (the simulated-module fixture, shared)
 from tests.matter_bridge.e2e.controller import (
     ControllerClient,
     MatterServer,

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[3]
 JS_DIR = REPO / "matter_bridge" / "js"
 WS_URL = "http://matter-server/ws"
 START_TIMEOUT_S = 90.0
-COMMAND_TIMEOUT_S = 120.0
+COMMAND_TIMEOUT_S = 60.0
 
 # Cluster and attribute ids used by the tests (Matter 1.3).
 DESCRIPTOR = 0x001D  # DeviceTypeList 0, PartsList 3

@@ -97,14 +97,17 @@ class NetnsPair:
     def _setup_side(self, ns: str, ifname: str, addr: str) -> None:
         # DAD off before the link comes up: the automatic fe80:: address is then usable at once, not
         # "tentative" (``nodad`` only covers addresses added by hand).
-        sysctls = (
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-            f"net.ipv6.conf.{ifname}.accept_dad=0",
-            "net.ipv6.conf.all.disable_ipv6=0",
-            f"net.ipv6.conf.{ifname}.disable_ipv6=0",
-        )
-        _run([*self.exec_prefix(ns), "sysctl", "-qw", *sysctls])
+        # Written through /proc (which shows the writer's own namespace) rather than with sysctl(8), which
+        # minimal systems lack.
+        sysctls = {
+            "all/accept_dad": 0,
+            "default/accept_dad": 0,
+            f"{ifname}/accept_dad": 0,
+            "all/disable_ipv6": 0,
+            f"{ifname}/disable_ipv6": 0,
+        }
+        script = "; ".join(f"echo {v} > /proc/sys/net/ipv6/conf/{k}" for k, v in sysctls.items())
+        _run([*self.exec_prefix(ns), "sh", "-ec", script])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "-n", ns, "link", "set", ifname, "multicast", "on"])
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/64", "dev", ifname, "nodad"])
