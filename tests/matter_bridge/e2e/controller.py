@@ -118,12 +118,16 @@ def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
         proc.wait(timeout_s)
 
 
-# The inner command: private mount namespace, per-run /data and /tmp, then exec the server.
+# The inner command: private mount namespace, per-run /data and /tmp, then exec the server.  The controller's
+# virtualenv is bind-mounted at /data/venv first: the checkout (and so .venv-matter) may itself live under /tmp,
+# which the per-run /tmp hides.  Its python finds the venv by its own path (pyvenv.cfg beside bin/).
 _INNER = """set -e
 mount --bind "$0" /data
+mount --bind "$1" /data/venv
 mount --bind /data/tmp /tmp
-server=$1; shift
-exec "$server" --storage-path /data/server --paa-root-cert-dir /data/paa "$@"
+shift
+exec /data/venv/bin/python -c 'import sys; from matter_server.server.__main__ import main; sys.argv[0] = "matter-server"; sys.exit(main())' \
+    --storage-path /data/server --paa-root-cert-dir /data/paa "$@"
 """
 
 
@@ -146,7 +150,7 @@ class MatterServer:
 
     def start(self, paa_src: Path) -> None:
         """Start the server and its forwarder (returns at once; ``wait_ready`` waits for the websocket)."""
-        for sub in ("server", "paa", "tmp"):
+        for sub in ("server", "paa", "tmp", "venv"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         for cert in paa_src.glob("*.der"):
             shutil.copy(cert, self.run_dir / "paa" / cert.name)
@@ -161,7 +165,7 @@ class MatterServer:
         argv = [
             *self.netns.exec_prefix(self.netns.b),
             "unshare", "--mount", "--propagation", "private", "--",
-            "sh", "-c", _INNER, str(self.run_dir), str(matter_server_path()), *args,
+            "sh", "-c", _INNER, str(self.run_dir), str(matter_server_path().resolve().parent.parent), *args,
         ]  # fmt: skip
         with self.log_file.open("ab") as log:
             self.procs.append(
