@@ -4,7 +4,6 @@ the controller side is tested end to end in ``tests/matter_bridge/e2e``."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,18 +12,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from devices.model import DeviceKind
-from hub.app import build_app
-from hub.config import HubConfig, MatterConfig
+from hub.config import MatterConfig
 from matter_bridge import mapping
 from matter_bridge.process import bridge_installed
 from matter_bridge.protocol import Command
-from tests.hub.conftest import FAST_SETTINGS, Hub, ModuleFactory, make_module
+from tests.hub.conftest import Hub, ModuleFactory, make_module
 from tests.hub.test_api import register, until
+from tests.matter_bridge.conftest import MatterHub
 
 pytestmark = pytest.mark.skipif(
     bridge_installed() is not None and os.environ.get("CI") != "true",
@@ -36,54 +33,6 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
         s.bind(("::", 0))
         return int(s.getsockname()[1])
-
-
-class MatterHub:
-    """Start and restart a hub with the Matter bridge on one data directory."""
-
-    def __init__(self, data_dir: Path, config: MatterConfig) -> None:
-        self.data_dir = data_dir
-        self.config = config
-        self.hub: Hub | None = None
-        self._server: TestServer | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> Hub:
-        app = build_app(
-            HubConfig(
-                data_dir=self.data_dir,
-                device_networks=("127.0.0.0/8",),
-                allow_local_names=False,
-                matter=self.config,
-            )
-        )
-        self._server = TestServer(app, host="127.0.0.1")
-        await self._server.start_server()
-        self._session = aiohttp.ClientSession()
-        hub = Hub(self._server, self._session, app)
-        if hub.ctx.matter is not None:
-            await hub.ctx.matter.started()
-        if hub.ctx.auth.pairing_code is not None:
-            hub.token = (await hub.pair(hub.ctx.auth.pairing_code, "installer"))["token"]
-        elif self.hub is not None:
-            hub.token = self.hub.token
-        self.hub = hub
-        return hub
-
-    async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._server is not None:
-            await self._server.close()
-        self._session = self._server = None
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "hub"
-    d.mkdir()
-    (d / "settings.json").write_text(json.dumps(FAST_SETTINGS))
-    return d
 
 
 @pytest.fixture

@@ -21,16 +21,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from devices.model import DeviceKind
 from devices.sim.base import StaticModule
-from hub.app import build_app
-from hub.config import HubConfig, MatterConfig
-from tests.hub.conftest import FAST_SETTINGS, Hub, ModuleFactory, make_module
+from hub.config import MatterConfig
+from tests.hub.conftest import Hub, ModuleFactory, make_module
 from tests.hub.test_api import register, until
+from tests.matter_bridge.conftest import MatterHub
 from tests.matter_bridge.e2e.conftest import MatterLab
 from tests.matter_bridge.e2e.controller import (
     BRIDGED_BASIC_INFORMATION,
@@ -56,49 +54,12 @@ RESTART_WAIT_S = 60.0  # deadline for a controller to come back after a restart
 # ------------------------------------------------------------------------------------------ the hub
 
 
-def hub_config(data_dir: Path, lab: MatterLab) -> HubConfig:
-    netns = lab.netns
-    matter = MatterConfig(enabled=True, launcher=netns.exec_prefix(netns.a), interface=netns.if_a, ipv4=False)
-    return HubConfig(
-        data_dir=data_dir, device_networks=("127.0.0.0/8",), allow_local_names=False, matter=matter
-    )
-
-
-class Hubs:
-    """Starts the hub (again) on one data directory; whatever runs is stopped at the end."""
-
-    def __init__(self, data_dir: Path, lab: MatterLab) -> None:
-        self.data_dir = data_dir
-        self.lab = lab
-        self.token: str | None = None
-        self.current: Hub | None = None
-
-    async def start(self) -> Hub:
-        app = build_app(hub_config(self.data_dir, self.lab))
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        hub = Hub(server, aiohttp.ClientSession(), app)
-        self.current = hub
-        if self.token is None:
-            code = hub.ctx.auth.pairing_code
-            assert code is not None
-            self.token = (await hub.pair(code, "installer"))["token"]
-        hub.token = self.token
-        return hub
-
-    async def stop(self) -> None:
-        hub, self.current = self.current, None
-        if hub is not None:
-            await hub.session.close()
-            await hub.server.close()
-
-
 @pytest.fixture
-async def hubs(tmp_path: Path, matter_lab: MatterLab) -> AsyncIterator[Hubs]:
-    data_dir = tmp_path / "hub"
-    data_dir.mkdir()
-    (data_dir / "settings.json").write_text(json.dumps(FAST_SETTINGS))
-    runner = Hubs(data_dir, matter_lab)
+async def hubs(data_dir: Path, matter_lab: MatterLab) -> AsyncIterator[MatterHub]:
+    """The hub, its bridge started in namespace A (``ip netns exec``), advertising on A's veth only."""
+    netns = matter_lab.netns
+    config = MatterConfig(enabled=True, launcher=netns.exec_prefix(netns.a), interface=netns.if_a, ipv4=False)
+    runner = MatterHub(data_dir, config)
     try:
         yield runner
     finally:
@@ -176,8 +137,9 @@ async def switch(client: ControllerClient, node_id: int, plug: Bridged, on: bool
 # ------------------------------------------------------------------------------------------ the scenario
 
 
-async def test_a_real_controller_commissions_reads_commands_and_survives_restarts(
-    hubs: Hubs,
+async def test_a_real_controller_commissions_reads_commands_and_survives_restarts(  # noqa: PLR0917
+    hubs: MatterHub,
+    matter_lab: MatterLab,
     ores_module: ModuleFactory,
     controller: ControllerClient,
     second_controller: ControllerClient,
@@ -318,7 +280,7 @@ async def test_a_real_controller_commissions_reads_commands_and_survives_restart
     status, body = await hub.request("DELETE", "/matter/window")
     assert status == 200, body
     assert body["window_open"] is False
-    passcode, address = body["passcode"], hubs.lab.netns.addr_a
+    passcode, address = body["passcode"], matter_lab.netns.addr_a
     with pytest.raises(CommandFailed):
         await second_controller.commission_on_network(passcode, address)
     status, body = await hub.request("POST", "/matter/window", json_body={"timeout_s": 120})
