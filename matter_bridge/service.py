@@ -366,6 +366,11 @@ class MatterService:
             process = self.process
             if process is not None:
                 self._spawn(self._refresh_numbers(process), "matter-endpoints")
+            # At a start the adds carried every value; after a factory reset (last fabric removed) the node
+            # went back to those first values.  Either way: send everything again.
+            for ep in self._endpoints.values():
+                ep.values = {}
+                self._changed(ep.device_id)
             if event.status.commissioned or event.status.window_open:
                 self._mark_initial_window_done()
             self._wake.set()

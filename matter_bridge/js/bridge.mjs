@@ -302,6 +302,7 @@ async function handle(msg) {
             if (windowS > 0 && !server.state.commissioning.commissioned) await openWindow(windowS);
             const info = status();
             emit({ event: "ready", ...info });
+            started = true;
             return info;
         }
         case "open_window":
@@ -328,6 +329,34 @@ async function handle(msg) {
     }
 }
 
+// ---- online again after a factory reset -----------------------------------------------------------------------
+
+// When its last fabric is removed, matter.js erases the node's Matter state (a factory reset, as the
+// specification asks) and starts it again, with the same endpoints.  Say "ready" again when it is back, so the
+// hub re-sends every value; ops that need the node wait for it meanwhile.
+let started = false;
+let resetting = false; // from "decommissioned" until the node is online again
+server.lifecycle.online.on(() => {
+    resetting = false;
+    if (started && !stopping) emit({ event: "ready", ...status() });
+});
+async function whenOnline(timeoutMs = 30_000) {
+    if (server.lifecycle.isOnline && !resetting) return;
+    if (!started) throw new Error("not started");
+    await new Promise((resolve, reject) => {
+        const timer = setTimeout(() => {
+            server.lifecycle.online.off(online);
+            reject(new Error("the node did not come back online"));
+        }, timeoutMs);
+        const online = () => {
+            clearTimeout(timer);
+            server.lifecycle.online.off(online);
+            resolve();
+        };
+        server.lifecycle.online.on(online);
+    });
+}
+
 // ---- commissioning window -------------------------------------------------------------------------------------
 
 let windowTimer;
@@ -340,7 +369,7 @@ function windowClosed(reason) {
     emit({ event: "window", state: "closed", reason });
 }
 async function openWindow(timeoutS) {
-    if (!server.lifecycle.isOnline) throw new Error("not started");
+    await whenOnline();
     if (!(timeoutS >= 1 && timeoutS <= 900)) throw new Error("timeout_s must be 1..900");
     const commissioner = server.env.get(DeviceCommissioner);
     clearTimeout(windowTimer);
@@ -393,7 +422,10 @@ function status() {
 
 server.events.commissioning.fabricsChanged.on((fabricIndex, action) => emit({ event: "fabrics", fabricIndex, action }));
 server.events.commissioning.commissioned.on(() => emit({ event: "commissioned" }));
-server.events.commissioning.decommissioned.on(() => emit({ event: "decommissioned" }));
+server.events.commissioning.decommissioned.on(() => {
+    resetting = true;
+    emit({ event: "decommissioned" });
+});
 
 // Workaround (matter.js 0.17.9): the subscriptions behavior keeps its list of active subscriptions in memory and
 // writes it to storage only on a clean close, so after a crash the restarted node has no former subscriptions to

@@ -306,6 +306,31 @@ async def test_a_real_controller_commissions_reads_commands_and_survives_restart
     print("Matter end-to-end figures:", json.dumps(measured))
 
 
+async def test_a_hub_removed_from_its_last_controller_can_be_commissioned_again(
+    hubs: MatterHub, matter_lab: MatterLab, ores_module: ModuleFactory, controller: ControllerClient
+) -> None:
+    """The user removes the hub from their smart home app (the controller's RemoveFabric): the bridge is
+    uncommissioned, its window stays closed until asked for, and then it can be commissioned again, with its
+    modules."""
+    hub = await hubs.start()
+    server = await ores_module(make_module(DeviceKind.SMARTPLUG, "PLUG-LAST", power_w=-25.0, on=True))
+    status, body = await register(hub, str(server.address))
+    assert status == 201, body
+    state = await wait_matter(hub, "the window open", state="running", window_open=True)
+    node = await controller.commission_with_code(state["manual_code"])
+    node_id = int(node["node_id"])
+    await wait_matter(hub, "commissioned", commissioned=True, window_open=False)
+    await controller.remove_node(node_id)  # RemoveFabric on the hub, then forgotten by the controller
+    state = await wait_matter(hub, "decommissioned", commissioned=False, fabrics=[], window_open=False)
+    status, body = await hub.request("POST", "/matter/window", json_body={"timeout_s": 120})
+    assert status == 200 and body["window_open"] is True, body
+    again = await controller.commission_on_network(state["passcode"], matter_lab.netns.addr_a)
+    again_id = int(again["node_id"])
+    await wait_matter(hub, "commissioned again", commissioned=True)
+    types = {t for ep in range(2, 10) for t in device_types(controller, again_id, ep)}
+    assert 0x010A in types, again  # the plug is bridged on the new fabric
+
+
 # ------------------------------------------------------------------------------------------ small waits
 
 
