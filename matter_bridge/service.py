@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class MatterService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
         self._unwatch: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -134,10 +136,12 @@ class MatterService:
     async def start(self) -> None:
         """Start the bridge; on a machine where it cannot run, log why and leave the hub running without it."""
         if not self.config.enabled:
+            self._first_attempt.set()
             return
         why = bridge_installed()
         if why is not None:
             self._unavailable(why)
+            self._first_attempt.set()
             return
         self._load_setup()
         storage = self.dir / "node"
@@ -174,17 +178,30 @@ class MatterService:
         self._starting = asyncio.create_task(self._start_process(self.process), name="matter-start")
 
     async def _start_process(self, process: MatterProcess) -> None:
-        try:
-            await process.start()
-        except MatterError as err:
-            self._unavailable(str(err))
+        """Start the bridge; retry with backoff (1 s … 1 min) while it fails for a reason that may pass (a port
+        in use, a crash at start), give up when it cannot run here at all (no Node.js, no packages)."""
+        delay = 1.0
+        while True:
+            try:
+                await process.start()
+            except MatterError as err:
+                self._unavailable(str(err))
+                self._first_attempt.set()
+                program = self.config.launcher[0] if self.config.launcher else self.config.node
+                if bridge_installed() is not None or shutil.which(program) is None:
+                    return
+                _LOGGER.warning("Matter bridge: trying again in %.0f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 60.0)
+                continue
+            self._state = "running"
+            self.reason = None
+            self._first_attempt.set()
             return
-        self._state = "running"
 
     async def started(self) -> None:
-        """Wait until the first start of the bridge succeeded or failed (``state`` tells which)."""
-        if self._starting is not None:
-            await asyncio.shield(self._starting)
+        """Wait until the first attempt to start the bridge succeeded or failed (``state`` tells which)."""
+        await self._first_attempt.wait()
 
     def _unavailable(self, why: str) -> None:
         self._state = "unavailable"

@@ -217,6 +217,31 @@ async def test_without_node_the_hub_runs_and_says_why(data_dir: Path) -> None:
         await mh.stop()
 
 
+@pytest.mark.slow
+async def test_a_bridge_that_fails_to_start_is_tried_again(data_dir: Path, tmp_path: Path) -> None:
+    # A launcher that fails the first time (as a crash at start would), then runs the bridge.
+    flag = tmp_path / "failed-once"
+    launcher = (
+        "sh",
+        "-c",
+        f'if [ ! -e {flag} ]; then touch {flag}; echo boom >&2; exit 3; fi; exec "$@"',
+        "sh",
+    )
+    mh = MatterHub(data_dir, MatterConfig(enabled=True, launcher=launcher, port=_free_udp_port()))
+    try:
+        hub = await mh.start()
+        first = await _matter(hub)
+        assert first["state"] == "unavailable" and "boom" in (first["reason"] or ""), first
+
+        async def running() -> bool:
+            return (await _matter(hub))["state"] == "running"
+
+        await until(running, timeout=30, what="the second attempt")
+        assert flag.exists()
+    finally:
+        await mh.stop()
+
+
 async def test_matter_off_by_default(data_dir: Path) -> None:
     mh = MatterHub(data_dir, MatterConfig())
     try:
