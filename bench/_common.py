@@ -22,8 +22,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -535,3 +536,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_in_workdir(
+    run: Callable[[argparse.Namespace, Path], Awaitable[bool]], args: argparse.Namespace, prefix: str
+) -> None:
+    """Run a benchmark in a fresh work directory (kept and printed with ``args.keep``); exit 0 on PASS."""
+    if args.keep:
+        workdir = Path(tempfile.mkdtemp(prefix=prefix))
+        print(f"work directory: {workdir}")
+        ok = asyncio.run(run(args, workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            ok = asyncio.run(run(args, Path(tmp)))
+    raise SystemExit(0 if ok else 1)

@@ -63,6 +63,7 @@ from _common import (
     pair,
     percentile,
     register_all,
+    run_in_workdir,
     spawn,
     table,
     wait_online,
@@ -613,14 +614,7 @@ def main() -> None:
     if args.cmd == "hub":
         asyncio.run(_serve_hub(args))
         return
-    if args.keep:
-        workdir = Path(tempfile.mkdtemp(prefix="ores-bench-matter-"))
-        print(f"work directory: {workdir}")
-        ok = asyncio.run(run(args, workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="ores-bench-matter-") as tmp:
-            ok = asyncio.run(run(args, Path(tmp)))
-    raise SystemExit(0 if ok else 1)
+    run_in_workdir(run, args, "ores-bench-matter-")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import signal
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Child, auth, hub_command, pair, percentile, spawn, table
+from _common import Child, auth, hub_command, pair, percentile, run_in_workdir, spawn, table
 
 TARGET_ONE_P95_S = 2.0
 TARGET_ALL_S = 10.0
@@ -554,14 +553,7 @@ def main() -> None:
     if args.cmd == "modules":
         asyncio.run(_serve_modules(args.seed_base))
         return
-    if args.keep:
-        workdir = Path(tempfile.mkdtemp(prefix="ores-bench-onboard-"))
-        print(f"work directory: {workdir}")
-        ok = asyncio.run(run(args, workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="ores-bench-onboard-") as tmp:
-            ok = asyncio.run(run(args, Path(tmp)))
-    raise SystemExit(0 if ok else 1)
+    run_in_workdir(run, args, "ores-bench-onboard-")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of firmware verification: throughput of ``verify_file`` against plain ``hashlib.sha256``, and the
 peak memory verification adds.
 
-Run with ``python bench/firmware.py``.  It writes a random 64 MiB image (``--size-mb``) and its signed manifest
+Run with ``python bench/firmware_verify.py``.  It writes a random 64 MiB image (``--size-mb``) and its signed manifest
 into a temporary directory, then, in the same run and alternating (``--repeat`` times each, after one
 discarded warm-up of each), times (a) plain ``hashlib.sha256`` over the file read the same way — unbuffered
 ``readinto`` of ``--chunk-kb`` (1024) KiB into one reused buffer, in the calling thread — and (b)
@@ -32,7 +32,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-# Run as ``python bench/firmware.py``, this file's directory comes first on sys.path and its name would hide
+# Run as ``python bench/firmware_verify.py``, this file's directory comes first on sys.path and its name would hide
 # the ``firmware`` package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
@@ -194,7 +194,7 @@ def table(rows: list[list[str]]) -> str:
 async def run(args: argparse.Namespace, workdir: Path) -> bool:
     chunk_size = args.chunk_kb * 1024
     print(
-        f"bench/firmware.py: {args.size_mb} MiB image, {args.chunk_kb} KiB chunks, {args.repeat} timed runs "
+        f"bench/firmware_verify.py: {args.size_mb} MiB image, {args.chunk_kb} KiB chunks, {args.repeat} timed runs "
         f"each (alternating, after a warm-up), on {os.cpu_count()} CPUs",
         flush=True,
     )
