@@ -3,6 +3,7 @@ directory, and the hub tests' fixtures (data directory with fast settings, simul
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -11,6 +12,14 @@ from aiohttp.test_utils import TestServer
 from hub.app import build_app
 from hub.config import HubConfig, MatterConfig
 from tests.hub.conftest import Hub, data_dir, ores_module  # noqa: F401  (re-exported fixtures)
+
+
+def free_udp_port() -> int:
+    """A UDP port free on IPv4 and IPv6 (the bridge binds both)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+        return int(sock.getsockname()[1])
 
 
 class MatterHub:

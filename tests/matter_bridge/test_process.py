@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -41,6 +40,8 @@ from matter_bridge.protocol import (
     status_op,
     update_op,
 )
+from tests.hub.test_api import until
+from tests.matter_bridge.conftest import free_udp_port
 
 NODE = "/usr/bin/node"
 DEADLINE_S = 30.0
@@ -50,14 +51,6 @@ pytestmark = pytest.mark.skipif(
     not Path(NODE).exists() or bridge_installed() is not None,
     reason=f"needs {NODE} and the bridge's node_modules",
 )
-
-
-def free_udp_port() -> int:
-    """A UDP port free on IPv4 and IPv6 (the bridge binds both)."""
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", 0))
-        return int(sock.getsockname()[1])
 
 
 def children() -> list[psutil.Process]:
@@ -70,13 +63,6 @@ def gone(pid: int) -> bool:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
-
-
-async def until(condition: Callable[[], bool], timeout: float = DEADLINE_S) -> None:
-    """Poll a condition that no event announces, with a deadline."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - process state changes are announced by no event
-            await asyncio.sleep(0.01)
 
 
 def state(process: MatterProcess) -> State:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from matter_bridge.process import bridge_installed
 from matter_bridge.protocol import Command
 from tests.hub.conftest import Hub, ModuleFactory, make_module
 from tests.hub.test_api import register, until
-from tests.matter_bridge.conftest import MatterHub
+from tests.matter_bridge.conftest import MatterHub, free_udp_port
 
 pytestmark = pytest.mark.skipif(
     bridge_installed() is not None and os.environ.get("CI") != "true",
@@ -29,15 +28,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def matter_hub(data_dir: Path) -> AsyncIterator[MatterHub]:
-    mh = MatterHub(data_dir, MatterConfig(enabled=True, port=_free_udp_port(), initial_window_s=120))
+    mh = MatterHub(data_dir, MatterConfig(enabled=True, port=free_udp_port(), initial_window_s=120))
     try:
         yield mh
     finally:
@@ -204,7 +197,7 @@ async def test_a_killed_bridge_is_restarted_and_the_hub_keeps_serving(
 
 
 async def test_without_node_the_hub_runs_and_says_why(data_dir: Path) -> None:
-    mh = MatterHub(data_dir, MatterConfig(enabled=True, node="/nonexistent/node", port=_free_udp_port()))
+    mh = MatterHub(data_dir, MatterConfig(enabled=True, node="/nonexistent/node", port=free_udp_port()))
     try:
         hub = await mh.start()
         body = await _matter(hub)
@@ -227,7 +220,7 @@ async def test_a_bridge_that_fails_to_start_is_tried_again(data_dir: Path, tmp_p
         f'if [ ! -e {flag} ]; then touch {flag}; echo boom >&2; exit 3; fi; exec "$@"',
         "sh",
     )
-    mh = MatterHub(data_dir, MatterConfig(enabled=True, launcher=launcher, port=_free_udp_port()))
+    mh = MatterHub(data_dir, MatterConfig(enabled=True, launcher=launcher, port=free_udp_port()))
     try:
         hub = await mh.start()
         first = await _matter(hub)
